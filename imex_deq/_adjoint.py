@@ -1,0 +1,205 @@
+"""How gradients reach f's parameters from a fixed point: the adjoint strategies.
+
+Each adjoint wraps a whole forward solve. Only `UnrolledAdjoint` differentiates through
+solver steps; the others use the equilibrium alone.
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, Float
+
+from ._custom_types import Args, FixedPointFn, State
+from ._solution import Solution, tree_norm
+from ._solvers._base import AbstractIterativeSolver, AbstractSolver
+from ._solvers._newton_krylov import solve_normalised
+
+
+class AbstractAdjoint(eqx.Module):
+    """A strategy for the backward pass of a fixed-point solve."""
+
+    @abc.abstractmethod
+    def apply(
+        self,
+        fn: FixedPointFn,
+        solver: AbstractSolver,
+        z0: State,
+        args: Args,
+        *,
+        max_steps: int,
+        backward_counter: Float[Array, ""],
+    ) -> Solution:
+        """Solve forwards; make `backward_counter`'s gradient the backward NFE."""
+
+
+@eqx.filter_custom_vjp
+def _tally(value_and_counter, nfe):
+    value, _ = value_and_counter
+    return value
+
+
+@_tally.def_fwd
+def _tally_fwd(perturbed, value_and_counter, nfe):
+    del perturbed
+    return value_and_counter[0], None
+
+
+@_tally.def_bwd
+def _tally_bwd(residuals, grad_value, perturbed, value_and_counter, nfe):
+    del residuals, perturbed
+    counter = value_and_counter[1]
+    return _materialise(grad_value, value_and_counter[0]), jnp.asarray(nfe, counter.dtype)
+
+
+def tally_backward_nfe(value: State, counter: Float[Array, ""], nfe) -> State:
+    """Identity on `value`; in the backward pass, `counter` receives gradient `nfe`."""
+    return _tally((value, counter), nfe)
+
+
+class UnrolledAdjoint(AbstractAdjoint):
+    """Plain backpropagation through every solver step (for tests and pretraining).
+
+    Backward NFE equals forward NFE. Memory grows with the steps taken.
+    """
+
+    def apply(self, fn, solver, z0, args, *, max_steps, backward_counter):
+        sol = solver.solve(fn, z0, args, max_steps=max_steps, differentiable=True)
+        value = tally_backward_nfe(sol.value, backward_counter, sol.nfe)
+        return eqx.tree_at(lambda s: s.value, sol, value)
+
+
+class PhantomAdjoint(AbstractAdjoint):
+    """Inexact "phantom" gradient: solve without gradient, then take `steps` damped steps
+    z ← (1 − damp)·f(z) + damp·z from the equilibrium with plain backprop.
+    `steps=1, damp=0` is the one-step (Jacobian-free) gradient. torchdeq's τ is 1 − damp.
+
+    **Arguments:**
+
+    - `steps`: unrolled steps at the equilibrium (also added to the forward NFE).
+    - `damp`: fraction of the old iterate kept per step, in [0, 1).
+    """
+
+    steps: int = eqx.field(default=1, static=True)
+    damp: float = 0.0
+
+    def __check_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"PhantomAdjoint: steps must be at least 1, got {self.steps}.")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"PhantomAdjoint: damp must lie in [0, 1), got {self.damp}.")
+
+    def apply(self, fn, solver, z0, args, *, max_steps, backward_counter):
+        frozen_fn, frozen_args = stop_gradient_arrays((fn, args))
+        sol = solver.solve(frozen_fn, z0, frozen_args, max_steps=max_steps, differentiable=False)
+        z = jax.lax.stop_gradient(sol.value)
+        for _ in range(self.steps):
+            z = jax.tree_util.tree_map(
+                lambda new, old: (1 - self.damp) * new + self.damp * old, fn(z, args), z
+            )
+        value = tally_backward_nfe(z, backward_counter, self.steps)
+        return eqx.tree_at(lambda s: (s.value, s.nfe), sol, (value, sol.nfe + self.steps))
+
+
+def _default_gmres():
+    return lx.GMRES(rtol=1e-4, atol=1e-6, restart=10, max_steps=4)
+
+
+class ImplicitAdjoint(AbstractAdjoint):
+    """Exact gradient by the implicit function theorem, matrix-free.
+
+    Solves (I − ∂f/∂z)ᵀ λ = ∂L/∂z* at z* with vector–Jacobian products, then returns
+    λᵀ ∂f/∂θ. The right-hand side is normalised to unit norm first, so the tolerances are
+    relative to the incoming cotangent's size. Backward NFE counts every VJP.
+
+    **Arguments:**
+
+    - `linear_solver`: a `lineax.GMRES` (default: rtol 1e-4, restart 10, at most 4 cycles),
+      or any discrete imex-deq solver (`FixedPointIteration`, `Anderson`, `Broyden`) run on
+      λ ↦ (∂f/∂z)ᵀλ + ∂L/∂z*. Iterative solvers never call LAPACK, so they are the choice on
+      several sharded CPU devices.
+    - `max_steps`: step cap for an iterative `linear_solver`.
+    """
+
+    linear_solver: lx.GMRES | AbstractIterativeSolver = eqx.field(
+        default_factory=_default_gmres
+    )
+    max_steps: int = eqx.field(default=50, static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.linear_solver, (lx.GMRES, AbstractIterativeSolver)):
+            raise TypeError(
+                "ImplicitAdjoint: linear_solver must be a lineax.GMRES or an imex-deq "
+                f"discrete solver, got {type(self.linear_solver).__name__}."
+            )
+
+    def apply(self, fn, solver, z0, args, *, max_steps, backward_counter):
+        return _implicit_solve(
+            (fn, args, backward_counter), solver, jax.lax.stop_gradient(z0), max_steps, self
+        )
+
+    def solve_adjoint(self, vjp_z, cotangent: State) -> tuple[State, Array]:
+        """λ solving λ = vjp_z(λ) + cotangent, and the VJPs it cost."""
+        if isinstance(self.linear_solver, lx.GMRES):
+            structure = jax.eval_shape(lambda: cotangent)
+            operator = lx.FunctionLinearOperator(
+                lambda v: jax.tree_util.tree_map(jnp.subtract, v, vjp_z(v)), structure
+            )
+            return solve_normalised(operator, cotangent, self.linear_solver)
+        scale = jnp.maximum(tree_norm(cotangent), 1e-30)
+        unit = jax.tree_util.tree_map(lambda g: g / scale.astype(g.dtype), cotangent)
+        sol = self.linear_solver.solve(
+            lambda lam, rhs: jax.tree_util.tree_map(jnp.add, vjp_z(lam), rhs),
+            unit,
+            unit,
+            max_steps=self.max_steps,
+            differentiable=False,
+        )
+        lam = jax.tree_util.tree_map(lambda v: v * scale.astype(v.dtype), sol.value)
+        return lam, sol.nfe
+
+
+def _materialise(grad: State | None, like: State) -> State:
+    """Zeros where a cotangent is symbolically zero (None)."""
+    if grad is None:
+        return jax.tree_util.tree_map(jnp.zeros_like, like)
+    return jax.tree_util.tree_map(
+        lambda g, z: jnp.zeros_like(z) if g is None else g, grad, like,
+        is_leaf=lambda g: g is None,
+    )
+
+
+def stop_gradient_arrays(tree):
+    """`lax.stop_gradient` on every array leaf of a PyTree that may hold functions."""
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, tree
+    )
+
+
+@eqx.filter_custom_vjp
+def _implicit_solve(fn_args_counter, solver, z0, max_steps, adjoint):
+    fn, args, _ = fn_args_counter
+    return solver.solve(fn, z0, args, max_steps=max_steps, differentiable=False)
+
+
+@_implicit_solve.def_fwd
+def _implicit_solve_fwd(perturbed, fn_args_counter, solver, z0, max_steps, adjoint):
+    del perturbed
+    sol = _implicit_solve.fn(fn_args_counter, solver, z0, max_steps, adjoint)
+    return sol, sol.value
+
+
+@_implicit_solve.def_bwd
+def _implicit_solve_bwd(
+    z_star, grad_sol, perturbed, fn_args_counter, solver, z0, max_steps, adjoint
+):
+    del perturbed, solver, z0, max_steps
+    fn, args, counter = fn_args_counter
+    cotangent = _materialise(grad_sol.value, z_star)
+    _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
+    lam, nfe = adjoint.solve_adjoint(lambda v: vjp_z(v)[0], cotangent)
+    _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), (fn, args))
+    (grad_fn, grad_args) = vjp_fn_args(lam)[0]
+    return grad_fn, grad_args, jnp.asarray(nfe + 1, counter.dtype)

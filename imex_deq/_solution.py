@@ -1,0 +1,65 @@
+"""The result of a fixed-point solve, and the rule that decides convergence."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, Bool, Float, Int
+
+from ._custom_types import State, Termination
+
+RESULTS = optx.RESULTS
+"""Result codes (optimistix's): `successful`, `nonlinear_max_steps_reached`,
+`nonlinear_divergence`, `nonfinite`. Compare inside jit with `sol.result == RESULTS.successful`."""
+
+
+class Solution(eqx.Module):
+    """What a forward solve returns.
+
+    **Fields:**
+
+    - `value`: the equilibrium z* (f applied once more to the last iterate).
+    - `result`: a `RESULTS` code.
+    - `num_steps`: solver iterations taken.
+    - `nfe`: evaluations of f (a Jacobian-vector product or an ODE stage counts as one).
+    - `residual`: ‖f(z) − z‖ of the last iterate, relative to ‖f(z)‖ when the solver's
+      termination is `"rel"`.
+    """
+
+    value: State
+    result: RESULTS
+    num_steps: Int[Array, ""]
+    nfe: Int[Array, ""]
+    residual: Float[Array, ""]
+
+
+def tree_norm(tree: State) -> Float[Array, ""]:
+    """Euclidean norm of a PyTree of arrays, as one flat vector."""
+    leaves = [
+        leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+        for leaf in jax.tree_util.tree_leaves(tree)
+    ]
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
+
+
+def residual_norm(fz: State, z: State, termination: Termination) -> Float[Array, ""]:
+    """‖f(z) − z‖, divided by ‖f(z)‖ (floored at a tiny number) when `termination="rel"`."""
+    diff = tree_norm(jax.tree_util.tree_map(lambda a, b: a - b, fz, z))
+    if termination == "abs":
+        return diff
+    return diff / jnp.maximum(tree_norm(fz), 1e-30)
+
+
+def is_converged(
+    residual: Float[Array, ""], termination: Termination, rtol: float, atol: float
+) -> Bool[Array, ""]:
+    """The termination rule shared by every solver."""
+    return residual <= (atol if termination == "abs" else rtol)
+
+
+def check_termination(termination: str, rtol: float, atol: float) -> None:
+    """Trace-time validation of the termination options."""
+    if termination not in ("abs", "rel"):
+        raise ValueError(f"termination must be 'abs' or 'rel', got {termination!r}.")
+    if not (rtol >= 0 and atol >= 0):
+        raise ValueError(f"tolerances must be non-negative, got rtol={rtol}, atol={atol}.")

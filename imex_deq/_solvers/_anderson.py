@@ -1,0 +1,67 @@
+"""Anderson acceleration (type II) with a bounded history."""
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .._custom_types import Termination
+from ._base import AbstractIterativeSolver
+from ._small_linalg import solve_spd
+
+
+class _AndersonState(eqx.Module):
+    iterates: Float[Array, "m n"]
+    images: Float[Array, "m n"]
+    count: Int[Array, ""]
+
+
+class Anderson(AbstractIterativeSolver):
+    """Anderson acceleration: the next iterate mixes the last `history` iterates and their
+    images under f with weights that minimise the combined residual. One f evaluation per
+    step.
+
+    **Arguments:**
+
+    - `rtol`, `atol`, `termination`: the stopping rule (see `Termination`).
+    - `history`: how many past iterates to mix (memory grows with it, not with steps).
+    - `ridge`: Tikhonov regularisation of the mixing least squares, relative to its scale.
+    - `damp`: fraction of the mixed iterate (rather than the mixed image) taken, in [0, 1).
+    """
+
+    rtol: float = 1e-3
+    atol: float = 1e-6
+    termination: Termination = "rel"
+    history: int = eqx.field(default=5, static=True)
+    ridge: float = 1e-4
+    damp: float = 0.0
+
+    def __check_init__(self):
+        if self.history < 1:
+            raise ValueError(f"Anderson: history must be at least 1, got {self.history}.")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"Anderson: damp must lie in [0, 1), got {self.damp}.")
+        if self.ridge < 0:
+            raise ValueError(f"Anderson: ridge must be non-negative, got {self.ridge}.")
+
+    def init(self, z):
+        buffer = jnp.zeros((self.history, z.size), z.dtype)
+        return _AndersonState(buffer, buffer, jnp.array(0))
+
+    def update(self, fn, z, state: _AndersonState):
+        fz = fn(z)
+        slot = state.count % self.history
+        iterates = state.iterates.at[slot].set(z)
+        images = state.images.at[slot].set(fz)
+        used = jnp.arange(self.history) < jnp.minimum(state.count + 1, self.history)
+        residuals = jnp.where(used[:, None], images - iterates, 0)
+        gram = residuals @ residuals.T
+        scale = jnp.max(jnp.diagonal(gram)) + jnp.finfo(z.dtype).tiny
+        gram = gram + (self.ridge * scale) * jnp.eye(self.history, dtype=z.dtype)
+        gram = jnp.where(used[:, None] & used[None, :], gram, jnp.eye(self.history, dtype=z.dtype))
+        weights = solve_spd(gram, used.astype(z.dtype))
+        weights = weights / jnp.sum(weights)
+        mixed_image = weights @ images
+        z_next = mixed_image
+        if self.damp != 0.0:
+            z_next = (1 - self.damp) * mixed_image + self.damp * (weights @ iterates)
+        return fz, z_next, _AndersonState(iterates, images, state.count + 1), jnp.array(1)

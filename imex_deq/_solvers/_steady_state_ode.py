@@ -1,0 +1,103 @@
+"""The continuous DEQ: integrate dz/dt = f(z) − z until it stops moving."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._custom_types import Termination
+from .._solution import RESULTS, Solution, residual_norm
+from ._base import AbstractSolver, loop_verdict, residual_dtype
+
+
+class _Relaxation(eqx.Module):
+    """The vector field dz/dt = f(z, args) − z; f arrives through `args` so that
+    differentiating through diffrax sees every parameter."""
+
+    def __call__(self, t, z, fn_and_args):
+        fn, args = fn_and_args
+        return jax.tree_util.tree_map(lambda a, b: a - b, fn(z, args), z)
+
+
+def ode_stage_count(solver: dfx.AbstractAdaptiveSolver) -> int:
+    """New vector-field evaluations per step of an explicit Runge–Kutta solver
+    (first-same-as-last tableaux reuse one)."""
+    tableau = getattr(solver, "tableau", None)
+    if tableau is None:
+        raise TypeError(
+            f"SteadyStateODE supports explicit Runge–Kutta solvers, got {type(solver).__name__}."
+        )
+    stages = len(tableau.c) + 1
+    return stages - 1 if tableau.fsal else stages
+
+
+class SteadyStateODE(AbstractSolver):
+    """The continuous ("infinite-time neural ODE") DEQ: integrates dz/dt = f(z, x) − z from
+    t = 0 towards t = ∞ with an adaptive diffrax solver and stops at steady state, judged
+    by the same termination rule as the discrete solvers.
+
+    NFE counts every evaluation: initial step-size selection (2), the first-same-as-last
+    stage (1), each step's new stages (6 for Tsit5), and the steady-state test of each step
+    and of the start (1 each), plus one final f.
+
+    **Arguments:**
+
+    - `rtol`, `atol`, `termination`: the steady-state rule (see `Termination`).
+    - `ode_solver`: an explicit adaptive diffrax solver (default `Tsit5`).
+    - `ode_rtol`, `ode_atol`: the PID controller's local error tolerances (default: `rtol`).
+    """
+
+    rtol: float = 1e-3
+    atol: float = 1e-6
+    termination: Termination = "rel"
+    ode_solver: dfx.AbstractAdaptiveSolver = eqx.field(default_factory=dfx.Tsit5)
+    ode_rtol: float | None = None
+    ode_atol: float | None = None
+
+    def __check_init__(self):
+        ode_stage_count(self.ode_solver)
+
+    def solve(self, fn, z0, args, *, max_steps, differentiable):
+        def at_steady_state(t, z, fn_and_args, **kwargs):
+            del t, kwargs
+            fn, args = fn_and_args
+            return self.converged(residual_norm(fn(z, args), z, self.termination))
+
+        tolerance = self.rtol if self.ode_rtol is None else self.ode_rtol
+        controller = dfx.PIDController(
+            rtol=tolerance, atol=tolerance if self.ode_atol is None else self.ode_atol
+        )
+        adjoint = dfx.RecursiveCheckpointAdjoint() if differentiable else dfx.DirectAdjoint()
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_Relaxation()),
+            self.ode_solver,
+            t0=0.0,
+            t1=jnp.inf,
+            dt0=None,
+            y0=z0,
+            args=(fn, args),
+            stepsize_controller=controller,
+            event=dfx.Event(at_steady_state),
+            saveat=dfx.SaveAt(t1=True),
+            max_steps=max_steps,
+            adjoint=adjoint,
+            throw=False,
+        )
+        z_end = jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
+        fz = fn(z_end, args)
+        residual = residual_norm(fz, z_end, self.termination).astype(residual_dtype(z0))
+        steps = sol.stats["num_steps"]
+        nfe = 2 + 1 + 1 + steps * (ode_stage_count(self.ode_solver) + 1) + 1
+        _, failure = loop_verdict(self, residual, jnp.asarray(jnp.inf, residual.dtype), True)
+        result = RESULTS.where(
+            sol.result == dfx.RESULTS.event_occurred,
+            failure,
+            RESULTS.where(
+                sol.result == dfx.RESULTS.max_steps_reached,
+                RESULTS.nonlinear_max_steps_reached,
+                RESULTS.where(
+                    jnp.isfinite(residual), RESULTS.nonlinear_divergence, RESULTS.nonfinite
+                ),
+            ),
+        )
+        return Solution(fz, result, steps, nfe, residual)
