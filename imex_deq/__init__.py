@@ -1,0 +1,29 @@
+"""imex-deq: implicit-explicit deep equilibrium models (Skip DEQs, continuous DEQs) in JAX."""
+
+from ._adjoint import AbstractAdjoint as AbstractAdjoint
+from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
+from ._adjoint import PhantomAdjoint as PhantomAdjoint
+from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._deq import AbstractDEQ as AbstractDEQ
+from ._deq import DEQ as DEQ
+from ._deq import DEQInfo as DEQInfo
+from ._deq import SkipDEQ as SkipDEQ
+from ._deq import SkipRegDEQ as SkipRegDEQ
+from ._deq import with_fixed_depth as with_fixed_depth
+from ._fixed_point import ConvergenceError as ConvergenceError
+from ._fixed_point import fixed_point as fixed_point
+from ._neural_ode import NeuralODE as NeuralODE
+from ._regularisers import jacobian_regularisation as jacobian_regularisation
+from ._regularisers import skip_loss as skip_loss
+from ._solution import RESULTS as RESULTS
+from ._solution import Solution as Solution
+from ._solution import residual_norm as residual_norm
+from ._solvers import AbstractIterativeSolver as AbstractIterativeSolver
+from ._solvers import AbstractSolver as AbstractSolver
+from ._solvers import Anderson as Anderson
+from ._solvers import Broyden as Broyden
+from ._solvers import FixedPointIteration as FixedPointIteration
+from ._solvers import NewtonKrylov as NewtonKrylov
+from ._solvers import SteadyStateODE as SteadyStateODE
+
+__version__ = "0.1.0"

@@ -4,27 +4,25 @@ All modules work on ONE sample with channels-first `(C, H, W)` arrays; batch wit
 `jax.vmap`.
 """
 
-from ._blocks import (
-    ConvNorm as ConvNorm,
-    default_groups as default_groups,
-    ResidualBlock as ResidualBlock,
-)
-from ._dropout import apply_mask as apply_mask, VariationalDropout as VariationalDropout
-from ._multiscale import (
-    branch_shapes as branch_shapes,
-    build_multiscale_model as build_multiscale_model,
-    cifar_large as cifar_large,
-    cifar_small as cifar_small,
-    ClassificationHead as ClassificationHead,
-    count_parameters as count_parameters,
-    Downsample as Downsample,
-    imagenet_small as imagenet_small,
-    mnist_conv as mnist_conv,
-    MultiscaleConfig as MultiscaleConfig,
-    MultiscaleDEQCell as MultiscaleDEQCell,
-    MultiscaleModel as MultiscaleModel,
-    MultiscaleSkipPredictor as MultiscaleSkipPredictor,
-    Stem as Stem,
-    Upsample as Upsample,
-)
-from ._weight_norm import weight_norm as weight_norm, WeightNorm as WeightNorm
+from ._blocks import ConvNorm as ConvNorm
+from ._blocks import ResidualBlock as ResidualBlock
+from ._blocks import default_groups as default_groups
+from ._dropout import VariationalDropout as VariationalDropout
+from ._dropout import apply_mask as apply_mask
+from ._multiscale import ClassificationHead as ClassificationHead
+from ._multiscale import Downsample as Downsample
+from ._multiscale import MultiscaleConfig as MultiscaleConfig
+from ._multiscale import MultiscaleDEQCell as MultiscaleDEQCell
+from ._multiscale import MultiscaleModel as MultiscaleModel
+from ._multiscale import MultiscaleSkipPredictor as MultiscaleSkipPredictor
+from ._multiscale import Stem as Stem
+from ._multiscale import Upsample as Upsample
+from ._multiscale import branch_shapes as branch_shapes
+from ._multiscale import build_multiscale_model as build_multiscale_model
+from ._multiscale import cifar_large as cifar_large
+from ._multiscale import cifar_small as cifar_small
+from ._multiscale import count_parameters as count_parameters
+from ._multiscale import imagenet_small as imagenet_small
+from ._multiscale import mnist_conv as mnist_conv
+from ._weight_norm import WeightNorm as WeightNorm
+from ._weight_norm import weight_norm as weight_norm

@@ -1,0 +1,218 @@
+"""DEQ layers: Vanilla, Skip and Skip Reg. DEQ, each one sample in (batch with jax.vmap)."""
+
+import abc
+import dataclasses
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint, tally_backward_nfe
+from ._custom_types import State
+from ._fixed_point import check_state, fixed_point, raise_if_failed
+from ._regularisers import jacobian_regularisation
+from ._solution import RESULTS, Solution, residual_norm
+from ._solvers._base import AbstractSolver
+
+
+class DEQInfo(eqx.Module):
+    """Per-sample record of one DEQ (or neural ODE) evaluation.
+
+    **Fields:**
+
+    - `z0`: the initial guess, differentiable into whatever produced it (the skip loss
+      trains the predictor through it).
+    - `z_star`: the equilibrium, carrying the adjoint's gradient.
+    - `residual`: final residual (see the solver's `termination`).
+    - `nfe`: forward function evaluations.
+    - `steps`: solver steps.
+    - `result`: a `RESULTS` code.
+    """
+
+    z0: State
+    z_star: State
+    residual: Float[Array, ""]
+    nfe: Int[Array, ""]
+    steps: Int[Array, ""]
+    result: RESULTS
+
+
+class _Apply(eqx.Module):
+    """`fn(z, x) = f(z, x)` as a PyTree, so the adjoint sees f's parameters."""
+
+    f: Callable
+
+    def __call__(self, z, x):
+        return self.f(z, x)
+
+
+class AbstractDEQ(eqx.Module):
+    """A deep equilibrium layer x ↦ z* = f(z*, x). Subclasses choose the initial guess.
+
+    Options shared by every DEQ layer (keyword only):
+
+    - `adjoint`: gradient strategy (default `ImplicitAdjoint()`).
+    - `max_steps`: solver step cap.
+    - `throw`: raise when a solve fails instead of reporting it in `info.result`.
+    - `fixed_depth`: if set, apply f exactly this many times from z0 with plain backprop
+      (pretraining); see `with_fixed_depth`.
+    - `state_shape`: `jax.ShapeDtypeStruct` PyTree of the state when it differs from x's.
+    """
+
+    f: eqx.AbstractVar[Callable]
+    solver: eqx.AbstractVar[AbstractSolver]
+    adjoint: AbstractAdjoint = eqx.field(default_factory=ImplicitAdjoint, kw_only=True)
+    max_steps: int = eqx.field(default=50, static=True, kw_only=True)
+    throw: bool = eqx.field(default=False, static=True, kw_only=True)
+    fixed_depth: int | None = eqx.field(default=None, static=True, kw_only=True)
+    state_shape: PyTree[jax.ShapeDtypeStruct] | None = eqx.field(
+        default=None, static=True, kw_only=True
+    )
+
+    def __check_init__(self):
+        if not isinstance(self.solver, AbstractSolver):
+            raise TypeError(
+                f"{type(self).__name__}: solver must be an imex-deq solver, "
+                f"got {type(self.solver).__name__}."
+            )
+        if self.fixed_depth is not None and self.fixed_depth < 1:
+            raise ValueError(
+                f"{type(self).__name__}: fixed_depth must be None or at least 1, "
+                f"got {self.fixed_depth}."
+            )
+
+    @abc.abstractmethod
+    def initial_guess(self, x: PyTree[Array]) -> State:
+        """z0 for input x."""
+
+    def zero_state(self, x: PyTree[Array]) -> State:
+        """Zeros shaped like the state (`state_shape`, else like x)."""
+        like = x if self.state_shape is None else self.state_shape
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+
+    def __call__(
+        self, x: PyTree[Array], *, backward_counter: Float[Array, ""] | None = None
+    ) -> tuple[State, DEQInfo]:
+        """Returns `(z*, info)`. Differentiate with respect to `backward_counter` (a scalar
+        zero) to read the backward NFE."""
+        z0 = self.initial_guess(x)
+        fn = _Apply(self.f)
+        if self.fixed_depth is None:
+            sol = fixed_point(
+                fn,
+                self.solver,
+                z0,
+                x,
+                adjoint=self.adjoint,
+                max_steps=self.max_steps,
+                throw=self.throw,
+                backward_counter=backward_counter,
+            )
+        else:
+            sol = self._unroll(fn, z0, x, backward_counter)
+        info = DEQInfo(z0, sol.value, sol.residual, sol.nfe, sol.num_steps, sol.result)
+        return sol.value, info
+
+    def _unroll(self, fn, z0, x, backward_counter) -> Solution:
+        check_state(fn, z0, x)
+
+        def step(z, _):
+            return fn(z, x), z
+
+        z_last, previous = jax.lax.scan(step, z0, length=self.fixed_depth)
+        before_last = jax.tree_util.tree_map(lambda leaf: leaf[-1], previous)
+        residual = residual_norm(z_last, before_last, self.solver.termination)
+        result = RESULTS.where(
+            self.solver.converged(residual),
+            RESULTS.successful,
+            RESULTS.nonlinear_max_steps_reached,
+        )
+        depth = jnp.array(self.fixed_depth)
+        if backward_counter is not None:
+            z_last = tally_backward_nfe(z_last, backward_counter, depth)
+        sol = Solution(z_last, result, depth, depth, residual)
+        return raise_if_failed(sol, self.solver, self.fixed_depth) if self.throw else sol
+
+    def jacobian_regularisation(
+        self, x: PyTree[Array], info: DEQInfo, *, key: PRNGKeyArray
+    ) -> Float[Array, ""]:
+        """`jacobian_regularisation(self.f, info.z_star, x, key=key)`."""
+        return jacobian_regularisation(self.f, info.z_star, x, key=key)
+
+
+class DEQ(AbstractDEQ):
+    """Vanilla DEQ: z0 = 0.
+
+    **Arguments:**
+
+    - `f`: `f(z, x) -> z`, any callable or Equinox module on PyTrees.
+    - `solver`: a discrete solver (`Anderson`, ...) or `SteadyStateODE` (continuous DEQ).
+    - keyword options: see `AbstractDEQ`.
+
+    **Example:**
+
+    ```python
+    deq = DEQ(f, Anderson(rtol=5e-3))
+    z_star, info = jax.vmap(deq)(xs)
+    ```
+    """
+
+    f: Callable
+    solver: AbstractSolver
+
+    def initial_guess(self, x):
+        return self.zero_state(x)
+
+
+class SkipDEQ(AbstractDEQ):
+    """Skip DEQ: an explicit network predicts z0 = predictor(x); the solve corrects it.
+    Train the predictor with `skip_loss(info)`.
+
+    **Arguments:**
+
+    - `f`: `f(z, x) -> z`.
+    - `predictor`: `predictor(x) -> z0`, same structure as the state.
+    - `solver`: as for `DEQ`.
+    """
+
+    f: Callable
+    predictor: Callable
+    solver: AbstractSolver
+
+    def initial_guess(self, x):
+        return self.predictor(x)
+
+
+class SkipRegDEQ(AbstractDEQ):
+    """Skip Reg. DEQ: z0 = f(0, x), no extra parameters; `skip_loss(info)` pulls f(0, x)
+    towards z*.
+
+    **Arguments:**
+
+    - `f`: `f(z, x) -> z`.
+    - `solver`: as for `DEQ`.
+    """
+
+    f: Callable
+    solver: AbstractSolver
+
+    def initial_guess(self, x):
+        return self.f(self.zero_state(x), x)
+
+
+def with_fixed_depth(model: PyTree, depth: int | None) -> PyTree:
+    """Return `model` with every DEQ layer inside it switched to fixed-depth mode
+    (`depth` applications of f, plain backprop), or back to solving when `depth` is None.
+    """
+    is_deq = lambda node: isinstance(node, AbstractDEQ)  # noqa: E731
+
+    def find(tree):
+        return [n for n in jax.tree_util.tree_leaves(tree, is_leaf=is_deq) if is_deq(n)]
+
+    layers = find(model)
+    if not layers:
+        raise ValueError("with_fixed_depth: the model contains no DEQ layer.")
+    replaced = [dataclasses.replace(layer, fixed_depth=depth) for layer in layers]
+    return eqx.tree_at(find, model, replaced)

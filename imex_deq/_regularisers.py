@@ -1,0 +1,55 @@
+"""Training regularisers: the skip loss and Jacobian regularisation."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from ._custom_types import State
+
+
+def _tree_size(tree) -> int:
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def skip_loss(info, weight: float = 0.01) -> Float[Array, ""]:
+    """λ_skip · mean |z* − z0|: the paper's mean absolute error between the equilibrium
+    and the initial guess (Skip DEQ: the predictor's; Skip Reg. DEQ: f(0, x)).
+
+    **Arguments:**
+
+    - `info`: the `DEQInfo` of one sample, or of a vmapped batch.
+    - `weight`: λ_skip (paper default 0.01).
+
+    **Returns:**
+
+    A scalar; gradients reach the predictor (through z0) and f (through z* and z0).
+    """
+    total = sum(
+        jnp.sum(jnp.abs(a - b))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(info.z_star), jax.tree_util.tree_leaves(info.z0)
+        )
+    )
+    return weight * total / _tree_size(info.z_star)
+
+
+def jacobian_regularisation(
+    f: Callable, z_star: State, x: PyTree[Array], *, key: PRNGKeyArray
+) -> Float[Array, ""]:
+    """Hutchinson estimate of ‖∂f/∂z‖_F² / d at z* (Bai et al. 2021): ‖εᵀ ∂f/∂z‖² / d with
+    one ε ~ N(0, I) shaped like the state, d the state size. Differentiable in f's
+    parameters (z* itself is held fixed). Call on one sample; vmap over a batch with one
+    key per sample.
+    """
+    z_star = jax.lax.stop_gradient(z_star)
+    leaves, treedef = jax.tree_util.tree_flatten(z_star)
+    keys = jax.random.split(key, len(leaves))
+    eps = treedef.unflatten(
+        [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    )
+    _, vjp = jax.vjp(lambda z: f(z, x), z_star)
+    (projected,) = vjp(eps)
+    squares = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(projected))
+    return squares / _tree_size(z_star)
