@@ -33,11 +33,18 @@ class Solution(eqx.Module):
     residual: Float[Array, ""]
 
 
+def at_least_float32(dtype) -> jnp.dtype:
+    """`dtype` if it has at least 32 bits, else float32. Unlike `jnp.promote_types`, this
+    also works under `jax_numpy_dtype_promotion="strict"` (where float64 and float32 have
+    no implicit promotion)."""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def tree_norm(tree: State) -> Float[Array, ""]:
     """Euclidean norm of a PyTree of arrays, as one flat vector."""
     leaves = [
-        leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-        for leaf in jax.tree_util.tree_leaves(tree)
+        leaf.astype(at_least_float32(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(tree)
     ]
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
 

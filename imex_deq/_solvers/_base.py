@@ -15,6 +15,7 @@ from .._custom_types import Args, FixedPointFn, State, Termination
 from .._solution import (
     RESULTS,
     Solution,
+    at_least_float32,
     check_termination,
     is_converged,
     residual_norm,
@@ -97,9 +98,7 @@ class _LoopState(eqx.Module):
 
 def residual_dtype(z: State):
     """float32, or wider when the state is wider: residuals never run in bfloat16."""
-    return jnp.result_type(
-        *(jnp.promote_types(leaf.dtype, jnp.float32) for leaf in jax.tree_util.tree_leaves(z))
-    )
+    return jnp.result_type(*(at_least_float32(leaf.dtype) for leaf in jax.tree_util.tree_leaves(z)))
 
 
 class _OptimistixDriver(optx.AbstractFixedPointSolver):

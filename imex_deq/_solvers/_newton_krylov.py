@@ -20,7 +20,7 @@ def gmres_matvecs(solver: lx.GMRES, num_steps) -> jax.Array:
 def solve_normalised(operator: lx.AbstractLinearOperator, rhs, solver: lx.GMRES):
     """Solve `operator x = rhs` on a unit-norm right-hand side, so the solver's tolerances
     are relative whatever the scale of `rhs`. Returns `(x, matvecs)`."""
-    scale = jnp.maximum(tree_norm(rhs), jnp.finfo(jnp.float32).tiny).astype(
+    scale = jnp.maximum(tree_norm(rhs), float(jnp.finfo(jnp.float32).tiny)).astype(
         jax.tree_util.tree_leaves(rhs)[0].dtype
     )
     unit = jax.tree_util.tree_map(lambda leaf: leaf / scale, rhs)

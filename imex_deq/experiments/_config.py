@@ -1,0 +1,77 @@
+"""Validated configuration of one training run."""
+
+import dataclasses
+
+from ._models import SOLVERS, VARIANTS
+
+ARCHITECTURES = ("dense", "conv")
+BACKWARD = ("gmres", "anderson", "fixed-point", "phantom", "unrolled")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run; invalid values raise `ValueError` naming
+    the option. Defaults follow the paper's MNIST-dense setup."""
+
+    model: str = "skip-reg"
+    solver: str = "continuous"
+    dataset: str = "digits"
+    architecture: str = "dense"
+    epochs: int = 3
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    seed: int = 0
+    skip_weight: float = 0.01
+    jac_weight: float = 0.0
+    pretrain_steps: int = 0
+    pretrain_depth: int = 5
+    rtol: float = 5e-3
+    max_steps: int = 50
+    backward: str = "gmres"
+    limit_train: int | None = None
+    limit_test: int | None = None
+    evals_per_epoch: int = 1
+    timing_batches: int = 5
+    out_dir: str | None = None
+    checkpoint_every: int = 200
+    resume: bool = False
+    progress: bool = True
+    stop_after_steps: int | None = None
+
+    def __post_init__(self):
+        _check_choice("model", self.model, VARIANTS)
+        _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("backward", self.backward, BACKWARD)
+        for name in ("epochs", "batch_size", "learning_rate", "rtol", "max_steps"):
+            _check_positive(name, getattr(self, name))
+        for name in ("skip_weight", "jac_weight", "pretrain_steps", "timing_batches", "seed"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        for name in ("pretrain_depth", "evals_per_epoch", "checkpoint_every"):
+            _check_positive(name, getattr(self, name))
+        if self.model == "neural-ode" and (self.jac_weight or self.pretrain_steps):
+            raise ValueError(
+                "the neural-ode baseline has no fixed point: jac_weight and pretrain_steps "
+                "must be 0."
+            )
+        if self.resume and self.out_dir is None:
+            raise ValueError("resume needs out_dir (where the checkpoint is).")
+
+    @property
+    def name(self) -> str:
+        """A short run name, e.g. `skip-reg-continuous-jac-s0`."""
+        jac = "-jac" if self.jac_weight else ""
+        solver = "" if self.model == "neural-ode" else f"-{self.solver}"
+        return f"{self.model}{solver}{jac}-s{self.seed}"

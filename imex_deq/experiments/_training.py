@@ -1,0 +1,336 @@
+"""The training loop: one jitted step, honest timing, JSON-lines log, atomic checkpoints."""
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from .. import nn
+from .._adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
+from .._deq import SkipDEQ, SkipRegDEQ, with_fixed_depth
+from .._regularisers import skip_loss
+from .._solution import RESULTS
+from .._solvers import Anderson, FixedPointIteration
+from ..data import Dataset, iterate_batches, load_dataset, num_batches
+from ._checkpoint import load_checkpoint, save_checkpoint
+from ._config import TrainConfig
+from ._models import Classifier, build_conv_model, build_dense_model, make_solver
+from ._timing import median_time, time_call
+
+CHECKPOINT = "checkpoint.eqx"
+LOG = "log.jsonl"
+
+
+def make_adjoint(name: str, rtol: float):
+    """The backward strategy by CLI name."""
+    if name == "gmres":
+        return ImplicitAdjoint()
+    if name == "anderson":
+        return ImplicitAdjoint(linear_solver=Anderson(rtol=rtol))
+    if name == "fixed-point":
+        return ImplicitAdjoint(linear_solver=FixedPointIteration(rtol=rtol))
+    if name == "phantom":
+        return PhantomAdjoint(steps=5, damp=0.5)
+    return UnrolledAdjoint()
+
+
+def build_model(config: TrainConfig, data: Dataset) -> Classifier:
+    """The run's model, initialised from its seed."""
+    key = jax.random.PRNGKey(config.seed)
+    solver = make_solver(config.solver, config.rtol)
+    adjoint = make_adjoint(config.backward, config.rtol)
+    if config.architecture == "dense":
+        return build_dense_model(
+            config.model,
+            solver,
+            in_features=int(np.prod(data.image_shape)),
+            num_classes=data.num_classes,
+            key=key,
+            adjoint=adjoint,
+            max_steps=config.max_steps,
+        )
+    conv = dataclasses.replace(
+        nn.mnist_conv(),
+        image_size=tuple(data.image_shape[:2]),
+        in_channels=data.image_shape[2],
+        num_classes=data.num_classes,
+    )
+    return build_conv_model(
+        config.model, solver, config=conv, key=key, adjoint=adjoint, max_steps=config.max_steps
+    )
+
+
+class Trainer(eqx.Module):
+    """The jitted functions of one configuration: loss, training step, update, prediction."""
+
+    config: TrainConfig = eqx.field(static=True)
+    optimizer: optax.GradientTransformation = eqx.field(static=True)
+
+    def loss(self, model_and_counter, x, y, key):
+        """Cross-entropy + skip loss + Jacobian regularisation, and the batch's metrics."""
+        model, counter = model_and_counter
+        logits, info, injection = jax.vmap(
+            lambda image: model.forward(image, backward_counter=counter)
+        )(x)
+        ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+        skip = (
+            skip_loss(info, self.config.skip_weight)
+            if isinstance(model.layer, (SkipDEQ, SkipRegDEQ))
+            else jnp.zeros(())
+        )
+        jac = jnp.zeros(())
+        if self.config.jac_weight:
+            keys = jax.random.split(key, x.shape[0])
+            jac = jnp.mean(
+                jax.vmap(lambda i, n, k: model.layer.jacobian_regularisation(i, n, key=k))(
+                    injection, info, keys
+                )
+            )
+        total = ce + skip + self.config.jac_weight * jac
+        metrics = dict(
+            loss=total,
+            ce=ce,
+            skip=skip,
+            jac=jac,
+            accuracy=jnp.mean(jnp.argmax(logits, -1) == y),
+            nfe=jnp.mean(info.nfe),
+            nfe_max=jnp.max(info.nfe),
+            converged=jnp.mean(info.result == RESULTS.successful),
+        )
+        return total, metrics
+
+    @eqx.filter_jit
+    def forward_loss(self, model, x, y, key):
+        return self.loss((model, jnp.zeros(())), x, y, key)[0]
+
+    @eqx.filter_jit
+    def step(self, model, opt_state, x, y, key):
+        """One training step: predictor + solve + loss + adjoint + optimizer update."""
+        grad_fn = eqx.filter_value_and_grad(self.loss, has_aux=True)
+        (_, metrics), (grads, counter_grad) = grad_fn((model, jnp.zeros(())), x, y, key)
+        model, opt_state = self._apply(model, opt_state, grads)
+        metrics["backward_nfe"] = counter_grad / x.shape[0]
+        return model, opt_state, metrics
+
+    def _apply(self, model, opt_state, grads):
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return eqx.apply_updates(model, updates), opt_state
+
+    @eqx.filter_jit
+    def update(self, model, opt_state, grads):
+        return self._apply(model, opt_state, grads)
+
+    @eqx.filter_jit
+    def predict(self, model, x):
+        logits, info, _ = jax.vmap(model.forward)(x)
+        return jnp.argmax(logits, -1), info.nfe
+
+
+def evaluate(trainer: Trainer, model, x: np.ndarray, y: np.ndarray, batch_size: int) -> dict:
+    """Test accuracy and mean NFE over all of (x, y); the last batch is padded, not
+    recompiled."""
+    correct, nfes = 0, []
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size]
+        real = len(xb)
+        if real < batch_size:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - real, 0)])
+        predictions, nfe = trainer.predict(model, jnp.asarray(xb))
+        correct += int(np.sum(np.asarray(predictions)[:real] == y[start : start + real]))
+        nfes.extend(np.asarray(nfe)[:real].tolist())
+    return {"test_accuracy": correct / len(x), "test_nfe": float(np.mean(nfes))}
+
+
+def _step_key(config: TrainConfig, global_step: int):
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed), global_step)
+
+
+def _initial_state(config, data, trainer):
+    model = build_model(config, data)
+    return model, trainer.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+def _resume(config: TrainConfig, data: Dataset, trainer: Trainer, out: Path):
+    template = eqx.filter_eval_shape(_initial_state, config, data, trainer)
+    (model, opt_state), meta = load_checkpoint(out / CHECKPOINT, template)
+    log = out / LOG
+    if log.exists():
+        kept = [
+            line
+            for line in log.read_text().splitlines()
+            if json.loads(line).get("step", 0) <= meta["global_step"]
+        ]
+        log.write_text("".join(line + "\n" for line in kept))
+    return model, opt_state, meta
+
+
+class _Log:
+    def __init__(self, out: Path | None):
+        self.path = None if out is None else out / LOG
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _to_float(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def measure_timing(trainer: Trainer, model, opt_state, data: Dataset, repeats: int) -> dict:
+    """Per-batch seconds of the forward pass (with the solve), the backward pass (the
+    adjoint), the optimizer update and prediction, each median of `repeats` after a
+    compile-and-warm-up call reported apart."""
+    config = trainer.config
+    x = jnp.asarray(data.x_train[: config.batch_size])
+    y = jnp.asarray(data.y_train[: config.batch_size])
+    key = _step_key(config, 0)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+    compile_forward, forward = median_time(trainer.forward_loss, model, x, y, key, repeats=repeats)
+    _, step = median_time(trainer.step, model, opt_state, x, y, key, repeats=repeats)
+    compile_update, update = median_time(trainer.update, model, opt_state, zeros, repeats=repeats)
+    x_test = jnp.asarray(data.x_test[: config.batch_size])
+    compile_predict, predict = median_time(trainer.predict, model, x_test, repeats=repeats)
+    return {
+        "forward_s": forward,
+        "backward_s": max(step - forward - update, 0.0),
+        "optimizer_s": update,
+        "step_s": step,
+        "predict_s": predict,
+        "compile_timing_s": compile_forward + compile_update + compile_predict,
+    }
+
+
+def train(config: TrainConfig, data: Dataset | None = None) -> dict:
+    """Run one training run and return its summary (also written to `out_dir`).
+
+    **Arguments:**
+
+    - `config`: a `TrainConfig`.
+    - `data`: an already loaded `Dataset` (default: load `config.dataset`).
+
+    **Returns:**
+
+    A dict with the final test accuracy and NFE, training time (compile excluded),
+    compile time, per-batch forward/backward/optimizer/prediction seconds, and the
+    evaluation history.
+    """
+    if data is None:
+        data = load_dataset(
+            config.dataset, limit_train=config.limit_train, limit_test=config.limit_test
+        )
+    out = None if config.out_dir is None else Path(config.out_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, optax.adam(config.learning_rate))
+    if config.resume and (out / CHECKPOINT).exists():
+        model, opt_state, meta = _resume(config, data, trainer, out)
+    else:
+        if out is not None and (out / LOG).exists():
+            (out / LOG).unlink()
+        model, opt_state = _initial_state(config, data, trainer)
+        meta = {"global_step": 0, "history": [], "train_time_s": 0.0, "compile_time_s": 0.0}
+    log = _Log(out)
+    per_epoch = num_batches(len(data.x_train), config.batch_size)
+    total_steps = per_epoch * config.epochs
+    eval_points = {
+        round(per_epoch * (e + (i + 1) / config.evals_per_epoch))
+        for e in range(config.epochs)
+        for i in range(config.evals_per_epoch)
+    }
+    global_step = meta["global_step"]
+    compiled: set[bool] = set()
+    recent: list[float] = []
+    bar = tqdm(total=total_steps, initial=global_step, disable=not config.progress, leave=False)
+    while global_step < total_steps:
+        epoch, start = divmod(global_step, per_epoch)
+        batches = iterate_batches(
+            data.x_train,
+            data.y_train,
+            config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            start_batch=start,
+        )
+        for xb, yb in batches:
+            pretraining = global_step < config.pretrain_steps
+            current = with_fixed_depth(model, config.pretrain_depth) if pretraining else model
+            (new_model, opt_state, metrics), seconds = time_call(
+                trainer.step,
+                current,
+                opt_state,
+                jnp.asarray(xb),
+                jnp.asarray(yb),
+                _step_key(config, global_step),
+            )
+            model = with_fixed_depth(new_model, None) if pretraining else new_model
+            if pretraining not in compiled:
+                compiled.add(pretraining)
+                meta["compile_time_s"] += seconds
+            else:
+                meta["train_time_s"] += seconds
+                recent.append(seconds)
+            global_step += 1
+            metrics = _to_float(metrics)
+            log.write({"step": global_step, "epoch": epoch, "time_s": seconds, **metrics})
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                acc=f"{metrics['accuracy']:.3f}",
+                nfe=f"{metrics['nfe']:.1f}",
+            )
+            if global_step in eval_points:
+                record = evaluate(trainer, model, data.x_test, data.y_test, config.batch_size)
+                record.update(
+                    step=global_step,
+                    train_time_s=meta["train_time_s"],
+                    step_time_s=statistics.median(recent) if recent else float("nan"),
+                    train_loss=metrics["loss"],
+                    train_nfe=metrics["nfe"],
+                    backward_nfe=metrics["backward_nfe"],
+                )
+                recent = []
+                meta["history"].append(record)
+                log.write({"type": "eval", **record})
+            at_epoch_end = global_step % per_epoch == 0
+            if out is not None and (global_step % config.checkpoint_every == 0 or at_epoch_end):
+                meta["global_step"] = global_step
+                save_checkpoint(out / CHECKPOINT, (model, opt_state), meta)
+            if config.stop_after_steps is not None and global_step >= config.stop_after_steps:
+                bar.close()
+                return {"interrupted_at": global_step}
+    bar.close()
+    meta["global_step"] = global_step
+    summary = _summarise(config, trainer, model, opt_state, data, meta)
+    if out is not None:
+        save_checkpoint(out / CHECKPOINT, (model, opt_state), meta)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _summarise(config, trainer, model, opt_state, data, meta) -> dict[str, Any]:
+    final = evaluate(trainer, model, data.x_test, data.y_test, config.batch_size)
+    timing = measure_timing(trainer, model, opt_state, data, config.timing_batches)
+    history = meta["history"]
+    return {
+        "config": dataclasses.asdict(config),
+        "name": config.name,
+        **final,
+        "train_time_s": meta["train_time_s"],
+        "compile_time_s": meta["compile_time_s"],
+        "steps": meta["global_step"],
+        "backward_nfe": history[-1]["backward_nfe"] if history else float("nan"),
+        "parameters": nn.count_parameters(model),
+        **timing,
+        "history": history,
+    }
