@@ -12,7 +12,7 @@ from ._adjoint import tally_backward_nfe
 from ._deq import DEQInfo
 from ._fixed_point import check_state
 from ._solution import RESULTS
-from ._solvers._steady_state_ode import ode_stage_count
+from ._solvers._steady_state_ode import ode_stage_count, ode_startup_count
 
 
 class _Field(eqx.Module):
@@ -26,7 +26,8 @@ class NeuralODE(eqx.Module):
     is compared with. Same diffrax solvers and PID control as `SteadyStateODE`;
     gradients by a standard diffrax adjoint.
 
-    NFE forward: 2 (initial step size) + 1 (first-same-as-last stage) + new stages per step.
+    NFE forward: 1 (first-same-as-last stage) + new stages per step (diffrax's initial
+    step-size selection evaluates nothing here).
     Backward NFE (through `backward_counter`) equals the forward NFE with
     `RecursiveCheckpointAdjoint` (one VJP per evaluation); with `BacksolveAdjoint` the
     backward solve's steps are not observable and it reads NaN.
@@ -81,7 +82,7 @@ class NeuralODE(eqx.Module):
         )
         z1 = jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
         steps = sol.stats["num_steps"]
-        nfe = 2 + 1 + steps * ode_stage_count(self.ode_solver)
+        nfe = ode_startup_count(self.ode_solver) + steps * ode_stage_count(self.ode_solver)
         if backward_counter is not None:
             backward = nfe if isinstance(self.adjoint, dfx.RecursiveCheckpointAdjoint) else jnp.nan
             z1 = tally_backward_nfe(z1, backward_counter, backward)

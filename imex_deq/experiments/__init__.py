@@ -1,0 +1,15 @@
+"""The paper's experiments: models, training loop, timing, tables, plots and the CLI."""
+
+from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import load_checkpoint as load_checkpoint
+from ._checkpoint import save_checkpoint as save_checkpoint
+from ._config import TrainConfig as TrainConfig
+from ._models import Classifier as Classifier
+from ._models import DenseDEQCell as DenseDEQCell
+from ._models import build_conv_model as build_conv_model
+from ._models import build_dense_model as build_dense_model
+from ._models import make_solver as make_solver
+from ._reproduce import reproduce as reproduce
+from ._training import Trainer as Trainer
+from ._training import evaluate as evaluate
+from ._training import train as train

@@ -1,0 +1,206 @@
+"""`imex-deq reproduce`: every variant × seed, then the paper-style table and plots."""
+
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..data import load_dataset
+from ._config import TrainConfig
+from ._training import train
+
+EXPERIMENTS = {"mnist-dense": "dense", "mnist-conv": "conv"}
+
+PAPER_MNIST_DENSE = {
+    "vanilla": {"test_accuracy": 97.93, "test_nfe": 18.3, "train_min": 5.20, "predict_s": 0.038},
+    "vanilla+jac": {"test_accuracy": 98.12, "test_nfe": 5.0, "train_min": 7.32, "predict_s": 0.011},
+    "skip": {"test_accuracy": 97.76, "test_nfe": 4.0, "train_min": 1.71, "predict_s": 0.010},
+    "skip-reg": {"test_accuracy": 97.97, "test_nfe": 4.0, "train_min": 1.30, "predict_s": 0.010},
+}
+"""The paper's MNIST-dense continuous-DEQ table (3 seeds); Skip rows with Jacobian
+regularisation and the neural ODE are not in it."""
+
+COLUMNS = (
+    ("test accuracy %", "test_accuracy", 100.0),
+    ("test NFE", "test_nfe", 1.0),
+    ("train time (min)", "train_min", 1.0),
+    ("backward (s/batch)", "backward_s", 1.0),
+    ("predict (s/batch)", "predict_s", 1.0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    model: str
+    jac: bool
+    solver: str
+
+    @property
+    def label(self) -> str:
+        return self.model + ("+jac" if self.jac else "")
+
+
+def variants(solvers: tuple[str, ...], with_jac: bool) -> list[Variant]:
+    """Vanilla / Skip / Skip Reg. (± Jacobian regularisation) per solver, then the neural
+    ODE baseline once."""
+    rows = [
+        Variant(model, jac, solver)
+        for solver in solvers
+        for model in ("vanilla", "skip", "skip-reg")
+        for jac in ((False, True) if with_jac else (False,))
+    ]
+    return rows + [Variant("neural-ode", False, solvers[0])]
+
+
+def _stats(runs: list[dict], key: str, scale: float) -> tuple[float, float]:
+    values = [
+        run["train_time_s"] / 60 if key == "train_min" else run[key] * scale for run in runs
+    ]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(mean: float, std: float, vanilla: float | None, paper: float | None) -> str:
+    digits = 4 if abs(mean) < 0.1 else 2
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    notes = []
+    if vanilla:
+        notes.append(f"{mean / vanilla:.2f}× vanilla")
+    if paper is not None:
+        notes.append(f"paper {paper}")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def table(results: dict[Variant, list[dict]], solver: str, paper: dict) -> str:
+    """Markdown table of one solver kind's rows: mean ± std over seeds, with the ratio to
+    the Vanilla DEQ and the paper's value beside each figure."""
+    rows = [v for v in results if v.solver == solver]
+    vanilla = next((v for v in rows if v.model == "vanilla" and not v.jac), None)
+    header = "| model | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for variant in rows:
+        cells = []
+        for _, key, scale in COLUMNS:
+            mean, std = _stats(results[variant], key, scale)
+            base = None
+            if vanilla is not None and variant != vanilla:
+                base = _stats(results[vanilla], key, scale)[0]
+            cells.append(_cell(mean, std, base, paper.get(variant.label, {}).get(key)))
+        lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str]:
+    """The paper's claims as measured ratios."""
+
+    def mean(model, key, jac=False):
+        runs = results.get(Variant(model, jac, solver))
+        return None if runs is None else _stats(runs, key, 1.0)[0]
+
+    lines = []
+    vanilla_time, skip_reg_time = mean("vanilla", "train_min"), mean("skip-reg", "train_min")
+    if vanilla_time and skip_reg_time:
+        lines.append(
+            f"Skip Reg. vs Vanilla training time: {vanilla_time / skip_reg_time:.2f}x "
+            "(paper 4.0x)"
+        )
+        lines.append(
+            f"test NFE Skip Reg. {mean('skip-reg', 'test_nfe'):.1f} vs Vanilla "
+            f"{mean('vanilla', 'test_nfe'):.1f} (paper 4.0 vs 18.3)"
+        )
+    node = mean("neural-ode", "train_min")
+    if node and vanilla_time:
+        lines.append(
+            f"neural ODE vs continuous Vanilla DEQ training time: {node / vanilla_time:.2f}x "
+            "(paper 2-4x)"
+        )
+        lines.append(
+            f"neural ODE vs continuous Vanilla DEQ backward s/batch: "
+            f"{mean('neural-ode', 'backward_s') / mean('vanilla', 'backward_s'):.2f}x"
+        )
+    return lines
+
+
+def plot(results: dict[Variant, list[dict]], path: Path, title: str) -> None:
+    """Test accuracy, test NFE and training step time against training step, one line per
+    variant (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("test_accuracy", "test accuracy (%)", 100.0),
+        ("test_nfe", "test NFE per sample", 1.0),
+        ("step_time_s", "training step time (s/batch)", 1.0),
+    )
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for variant, runs in results.items():
+        steps = [h["step"] for h in runs[0]["history"]]
+        for axis, (key, label, scale) in zip(axes, panels):
+            values = np.mean([[h[key] * scale for h in run["history"]] for run in runs], 0)
+            axis.plot(steps, values, marker="o", label=variant.label)
+            axis.set_xlabel("training step")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def reproduce(
+    experiment: str,
+    *,
+    dataset: str,
+    seeds: int,
+    epochs: int,
+    solvers: tuple[str, ...],
+    out_dir: str = "results",
+    with_jac: bool = True,
+    base: TrainConfig | None = None,
+) -> dict:
+    """Train every variant for every seed; write `table.md`, `results.json` and one PNG per
+    solver kind under `out_dir/<experiment>`; print the table and headline ratios."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(
+            f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}."
+        )
+    base = base or TrainConfig()
+    folder = Path(out_dir) / experiment
+    data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
+    results: dict[Variant, list[dict]] = {}
+    plan = variants(solvers, with_jac)
+    for index, variant in enumerate(plan):
+        for seed in range(seeds):
+            config = dataclasses.replace(
+                base,
+                model=variant.model,
+                solver=variant.solver,
+                jac_weight=1.0 if variant.jac else 0.0,
+                architecture=EXPERIMENTS[experiment],
+                dataset=dataset,
+                epochs=epochs,
+                seed=seed,
+            )
+            config = dataclasses.replace(config, out_dir=str(folder / "runs" / config.name))
+            print(f"[{index + 1}/{len(plan)}] {config.name}", file=sys.stderr, flush=True)
+            summary = train(config, data)
+            results.setdefault(variant, []).append(summary)
+    paper = PAPER_MNIST_DENSE if experiment == "mnist-dense" else {}
+    report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
+    for solver in solvers:
+        report.append(f"## {solver}\n\n{table(results, solver, paper)}\n")
+        report.extend(f"- {line}" for line in headline_ratios(results, solver))
+        report.append(f"\n![{solver}]({experiment}-{solver}.png)\n")
+        solver_rows = {v: r for v, r in results.items() if v.solver == solver}
+        plot(solver_rows, folder / f"{experiment}-{solver}.png", f"{experiment}, {solver}")
+    text = "\n".join(report)
+    (folder / "table.md").write_text(text)
+    serialisable = {f"{v.label}@{v.solver}": runs for v, runs in results.items()}
+    (folder / "results.json").write_text(json.dumps(serialisable, indent=1))
+    print(text)
+    return serialisable

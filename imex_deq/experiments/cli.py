@@ -1,0 +1,134 @@
+"""The `imex-deq` command line: `train` one model, or `reproduce` a paper table."""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ..data import DataError
+from ._checkpoint import CheckpointError
+from ._config import ARCHITECTURES, BACKWARD, TrainConfig
+from ._models import SOLVERS, VARIANTS
+from ._reproduce import EXPERIMENTS, reproduce
+from ._training import train
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    add = parser.add_argument
+    add("--dataset", default=d.dataset, help="digits | fashion-mnist | mnist=PATH")
+    add("--batch-size", type=int, default=d.batch_size)
+    add("--learning-rate", type=float, default=d.learning_rate)
+    add("--skip-weight", type=float, default=d.skip_weight, help="λ_skip (paper 0.01)")
+    add("--pretrain-steps", type=int, default=d.pretrain_steps)
+    add("--pretrain-depth", type=int, default=d.pretrain_depth)
+    add("--rtol", type=float, default=d.rtol, help="relative residual to stop at")
+    add("--max-steps", type=int, default=d.max_steps)
+    add("--backward", choices=BACKWARD, default=d.backward)
+    add("--limit-train", type=int, default=None, help="use only the first N training images")
+    add("--limit-test", type=int, default=None, help="use only the first N test images")
+    add("--evals-per-epoch", type=int, default=d.evals_per_epoch)
+    add("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (unknown options are an error, as argparse does)."""
+    top = argparse.ArgumentParser(prog="imex-deq", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("train", help="train one model")
+    run.add_argument("--model", choices=VARIANTS, default="skip-reg")
+    run.add_argument("--solver", choices=SOLVERS, default="continuous")
+    run.add_argument("--architecture", choices=ARCHITECTURES, default="dense")
+    run.add_argument("--epochs", type=int, default=3)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--jac-weight", type=float, default=0.0, help="λ_jac (paper 1.0)")
+    run.add_argument("--out", default=None, help="folder for log, checkpoint and summary")
+    run.add_argument("--checkpoint-every", type=int, default=TrainConfig().checkpoint_every)
+    run.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    _add_training_options(run)
+
+    rep = commands.add_parser("reproduce", help="reproduce a table of the paper")
+    rep.add_argument("experiment", choices=tuple(EXPERIMENTS))
+    rep.add_argument("--seeds", type=int, default=2)
+    rep.add_argument("--epochs", type=int, default=3)
+    rep.add_argument(
+        "--solvers",
+        default="continuous,anderson",
+        help="comma-separated solver kinds, one table column each (first gets the neural ODE)",
+    )
+    rep.add_argument("--no-jac", action="store_true", help="skip the Jacobian-regularised rows")
+    rep.add_argument("--out", default="results")
+    _add_training_options(rep)
+    return top
+
+
+def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
+    return TrainConfig(
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        skip_weight=args.skip_weight,
+        pretrain_steps=args.pretrain_steps,
+        pretrain_depth=args.pretrain_depth,
+        rtol=args.rtol,
+        max_steps=args.max_steps,
+        backward=args.backward,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        evals_per_epoch=args.evals_per_epoch,
+        progress=not args.no_progress,
+        **extra,
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        config = _base_config(
+            args,
+            model=args.model,
+            solver=args.solver,
+            architecture=args.architecture,
+            epochs=args.epochs,
+            seed=args.seed,
+            jac_weight=args.jac_weight,
+            out_dir=args.out,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
+        summary = train(config)
+        shown = {k: v for k, v in summary.items() if k not in ("history", "config")}
+        print(json.dumps(shown, indent=1))
+        return
+    solvers = tuple(s.strip() for s in args.solvers.split(",") if s.strip())
+    bad = [s for s in solvers if s not in SOLVERS]
+    if not solvers or bad:
+        raise ValueError(f"--solvers: unknown {bad or solvers}; choose from {', '.join(SOLVERS)}.")
+    for name in ("seeds", "epochs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    reproduce(
+        args.experiment,
+        dataset=args.dataset,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        solvers=solvers,
+        out_dir=args.out,
+        with_jac=not args.no_jac,
+        base=dataclasses.replace(_base_config(args), dataset=args.dataset),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `imex-deq`; returns the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        _run(args)
+    except (ValueError, DataError, CheckpointError) as error:
+        print(f"imex-deq: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Forward solves: every solver finds the fixed point of the affine contraction, reports
+success, a residual within tolerance and an honest function-evaluation count; batches
+converge per sample; Broyden's memory does not grow with `max_steps`."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+from helpers import (
+    AFFINE_PROBLEMS,
+    N,
+    SOLVER_NAMES,
+    CountedFn,
+    affine_fn,
+    affine_system,
+    enable_x64,
+    make_solver,
+    relative_error,
+)
+
+import imex_deq
+from imex_deq import RESULTS
+
+# Termination tolerance per dtype: well above rounding, well below the default.
+RTOL = {"float32": 1e-5, "float64": 1e-10}
+MAX_STEPS = {"SteadyStateODE": 2000}
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+    if request.param == "float64":
+        with enable_x64():
+            yield jnp.float64
+    else:
+        yield jnp.float32
+
+
+@pytest.mark.parametrize("problem", AFFINE_PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_affine_fixed_point(name, problem, dtype):
+    rtol = RTOL[jnp.dtype(dtype).name]
+    solver = make_solver(name, rtol=rtol, atol=rtol)
+    counted = CountedFn(problem.fn)
+    z0 = problem.z0(dtype)
+    sol = imex_deq.fixed_point(
+        counted, solver, z0, problem.args(dtype), max_steps=MAX_STEPS.get(name, 200)
+    )
+    true_nfe = counted.read()
+
+    assert sol.result == RESULTS.successful
+    # The state keeps its layout and dtype; the residual is at least float32.
+    assert jax.tree_util.tree_structure(sol.value) == jax.tree_util.tree_structure(z0)
+    assert all(leaf.dtype == dtype for leaf in jax.tree_util.tree_leaves(sol.value))
+    assert sol.residual.dtype == dtype
+    assert 0 <= float(sol.residual) <= rtol
+    # With ‖A‖ = 0.6, ‖f(z) − z*‖ ≤ 0.6/0.4 · ‖f(z) − z‖ ≤ 1.5 · rtol · ‖f(z)‖.
+    eps = float(jnp.finfo(dtype).eps)
+    assert relative_error(sol.value, problem.exact(dtype)) <= 1.5 * rtol + 100 * eps
+
+    assert int(sol.num_steps) >= 1
+    if name == "NewtonKrylov":
+        # The count assumes every GMRES restart cycle runs all `restart` Arnoldi products;
+        # lineax's GMRES may break down (stop a cycle) early, so it is an upper bound.
+        assert true_nfe >= 2 * int(sol.num_steps)  # a linearisation and >= 1 JVP per step
+        assert int(sol.nfe) >= true_nfe
+    else:
+        assert int(sol.nfe) == true_nfe
+    if name in ("FixedPointIteration", "Anderson", "Broyden"):
+        assert int(sol.nfe) == int(sol.num_steps)  # one evaluation per step
+
+
+@pytest.fixture(scope="module")
+def vmapped_solve():
+    @eqx.filter_jit
+    def solve(solver, a, b):
+        def one(a, b):
+            return imex_deq.fixed_point(affine_fn, solver, jnp.zeros(N), (a, b), max_steps=500)
+
+        return jax.vmap(one)(a, b)
+
+    return solve
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_per_sample_convergence_under_vmap(name, vmapped_solve):
+    a, b = affine_system(norm=1.0, seed=1)
+    easy, hard = 0.1 * a, 0.9 * a
+    # GMRES restarted every 2 products (below the state size 6) so that its count of
+    # restart cycles, and hence NewtonKrylov's NFE, reflects the difficulty.
+    gmres = lx.GMRES(rtol=1e-2, atol=1e-4, restart=2, max_steps=20)
+    solver = make_solver(name, rtol=1e-5, atol=1e-5, gmres=gmres)
+    bs = jnp.asarray(np.stack([b, b]), jnp.float32)
+
+    def run(*matrices):
+        return vmapped_solve(solver, jnp.asarray(np.stack(matrices), jnp.float32), bs)
+
+    mixed = run(easy, hard)
+    assert mixed.nfe.shape == (2,)
+    assert bool(jnp.all(mixed.result == RESULTS.successful))
+    assert bool(jnp.all(mixed.residual <= 1e-5))
+    for i, matrix in enumerate((easy, hard)):
+        exact = np.linalg.solve(np.eye(N) - matrix, b)
+        assert relative_error(mixed.value[i], exact) <= 1e-4
+    # The easy sample stops early; the hard one keeps going.
+    assert int(mixed.nfe[0]) < int(mixed.nfe[1])
+    assert int(mixed.num_steps[0]) <= int(mixed.num_steps[1])
+    # Each sample reports what it would report in a batch of its own kind.
+    assert int(mixed.nfe[0]) == int(run(easy, easy).nfe[0])
+    assert int(mixed.nfe[1]) == int(run(hard, hard).nfe[1])
+
+
+def _shapes_in(jaxpr, found: set) -> set:
+    """Every intermediate shape of a jaxpr, sub-jaxprs (loops, conds, calls) included."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            found.add(tuple(getattr(var.aval, "shape", ())))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _shapes_in(inner, found)
+    return found
+
+
+@pytest.mark.parametrize("name, option", [("Broyden", "memory"), ("Anderson", "history")])
+def test_solver_memory_independent_of_max_steps(name, option):
+    solver = make_solver(name, **{option: 3})
+    args = tuple(jnp.asarray(x, jnp.float32) for x in affine_system())
+
+    def shapes(max_steps):
+        def solve(args):
+            return imex_deq.fixed_point(
+                affine_fn, solver, jnp.zeros(N), args, max_steps=max_steps
+            ).value
+
+        return _shapes_in(jax.make_jaxpr(solve)(args).jaxpr, set())
+
+    few, many = shapes(10), shapes(100_000)
+    assert (3, N) in few  # the ring buffer is there ...
+    assert few == many  # ... and nothing is sized by max_steps
+    assert max(max(s, default=0) for s in many) < 100
+    # The state the solver carries between steps is the bounded buffer.
+    state = jax.eval_shape(solver.init, jax.ShapeDtypeStruct((N,), jnp.float32))
+    buffer_shapes = {leaf.shape for leaf in jax.tree_util.tree_leaves(state) if leaf.ndim == 2}
+    assert buffer_shapes == {(3, N)}
+
+
+def test_broyden_converges_past_its_memory():
+    """Many more steps than `memory`: the ring buffer wraps and the solve still converges."""
+    args = tuple(jnp.asarray(x, jnp.float32) for x in affine_system(norm=0.95, seed=2))
+    counted = CountedFn(affine_fn)
+    sol = imex_deq.fixed_point(
+        counted, imex_deq.Broyden(rtol=1e-5, memory=2), jnp.zeros(N), args, max_steps=200
+    )
+    assert sol.result == RESULTS.successful
+    assert int(sol.num_steps) > 2
+    assert int(sol.nfe) == counted.read()
+    a, b = affine_system(norm=0.95, seed=2)
+    assert relative_error(sol.value, np.linalg.solve(np.eye(N) - a, b)) <= 1e-3
