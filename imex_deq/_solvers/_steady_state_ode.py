@@ -33,9 +33,9 @@ def ode_stage_count(solver: dfx.AbstractAdaptiveSolver) -> int:
 
 def ode_startup_count(solver: dfx.AbstractAdaptiveSolver) -> int:
     """Vector-field evaluations spent before the per-step stages: a first-same-as-last
-    tableau evaluates its first stage once, on the first step. diffrax's initial step-size
-    selection evaluates nothing here (it sees the direction-wrapped term, not an `ODETerm`,
-    and falls back to dt0 = 0.01)."""
+    tableau evaluates its first stage once, on the first step. The first step is dt = 1, the
+    relaxation's own time scale (diffrax's automatic selection would fall back to 0.01 here,
+    as it sees a direction-wrapped term, and cost many small steps)."""
     ode_stage_count(solver)
     return 1 if solver.tableau.fsal else 0
 
@@ -87,7 +87,7 @@ class SteadyStateODE(AbstractSolver):
             self.ode_solver,
             t0=0.0,
             t1=jnp.inf,
-            dt0=None,
+            dt0=1.0,
             y0=z0,
             args=(fn, args),
             stepsize_controller=controller,

@@ -122,7 +122,10 @@ class Trainer(eqx.Module):
 
     def _apply(self, model, opt_state, grads):
         params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        # optax mixes Python floats with int32 step counts (Adam's bias correction), which
+        # fails under jax_numpy_dtype_promotion="strict"; the library's own code stays strict.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return eqx.apply_updates(model, updates), opt_state
 
     @eqx.filter_jit
