@@ -13,6 +13,7 @@ from ._deq import with_fixed_depth as with_fixed_depth
 from ._fixed_point import ConvergenceError as ConvergenceError
 from ._fixed_point import fixed_point as fixed_point
 from ._neural_ode import NeuralODE as NeuralODE
+from ._precision import MixedPrecision as MixedPrecision
 from ._regularisers import jacobian_regularisation as jacobian_regularisation
 from ._regularisers import skip_loss as skip_loss
 from ._solution import RESULTS as RESULTS

@@ -50,8 +50,16 @@ def _tally_fwd(perturbed, value_and_counter, nfe):
 @_tally.def_bwd
 def _tally_bwd(residuals, grad_value, perturbed, value_and_counter, nfe):
     del residuals, perturbed
-    counter = value_and_counter[1]
-    return _materialise(grad_value, value_and_counter[0]), jnp.asarray(nfe, counter.dtype)
+    value, counter = value_and_counter
+    return _materialise(grad_value, value), _per_sample(nfe, value, counter.dtype)
+
+
+def _per_sample(nfe, value: State, dtype) -> Array:
+    """`nfe` as a `dtype` scalar that depends on `value`. Under vmap it is then batched like
+    the sample, so JAX sums it into an unbatched counter over the batch; a constant `nfe`
+    (PhantomAdjoint's steps, a fixed depth) would otherwise be counted once per batch."""
+    anchor = jnp.reshape(jax.tree_util.tree_leaves(value)[0], (-1,))[:1]
+    return jnp.where(jnp.all(jnp.isnan(anchor)), nfe, nfe).astype(dtype)
 
 
 def tally_backward_nfe(value: State, counter: Float[Array, ""], nfe) -> State:

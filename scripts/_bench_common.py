@@ -311,26 +311,33 @@ def jax_params(weights: dict[str, np.ndarray]) -> dict:
     return {k: jnp.asarray(weights[k]) for k in PARAM_NAMES}
 
 
-def jax_forward(make_core: Callable, params: dict, xs, counter):
-    """Batched forward: `(logits, z, e, info)`; info fields are per sample."""
+def jax_forward(make_core: Callable, params: dict, xs, counters):
+    """Batched forward: `(logits, z, e, info)`; info fields are per sample.
+
+    `counters` holds ONE backward counter PER SAMPLE (shape (batch,)), vmapped with the
+    data. The documented pattern, one unbatched scalar counter closed over by the vmap,
+    under-counts whenever the backward NFE does not depend on batched data (a Python int
+    such as PhantomAdjoint's `steps`): JAX's vmap of a custom_vjp does not sum an
+    unbatched constant cotangent over the batch, so it reads the NFE of ONE sample.
+    Per-sample counters are exact for every adjoint; their gradients are summed."""
     import jax
 
     DenseF, _ = jax_modules()
     layer = make_core(DenseF(params["w1"], params["w2"]))
 
-    def one(x):
+    def one(x, counter):
         e = jax.nn.relu(params["we"] @ x + params["be"])
         z, info = layer(e, backward_counter=counter)
         return params["wh"] @ z + params["bh"], z, e, info
 
-    return jax.vmap(one)(xs)
+    return jax.vmap(one)(xs, counters)
 
 
-def jax_loss(make_core: Callable, params: dict, counter, xs, ys):
+def jax_loss(make_core: Callable, params: dict, counters, xs, ys):
     import jax.numpy as jnp
     import optax
 
-    logits, z, e, info = jax_forward(make_core, params, xs, counter)
+    logits, z, e, info = jax_forward(make_core, params, xs, counters)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ys))
     return loss, (z, e, info)
 
@@ -343,11 +350,11 @@ def jax_grad_fn(make_core: Callable) -> Callable:
 
     @eqx.filter_jit
     def grad(params, xs, ys):
-        counter = jnp.zeros((), jnp.float32)
+        counters = jnp.zeros(xs.shape[:1], jnp.float32)
         (loss, (z, e, info)), (g, g_counter) = jax.value_and_grad(
             lambda p, c: jax_loss(make_core, p, c, xs, ys), argnums=(0, 1), has_aux=True
-        )(params, counter)
-        return loss, g, z, e, info, g_counter
+        )(params, counters)
+        return loss, g, z, e, info, jnp.sum(g_counter)
 
     return grad
 
@@ -368,16 +375,16 @@ def jax_train_step(make_core: Callable, learning_rate: float = 1e-3):
 
     @eqx.filter_jit
     def step(params, opt_state, xs, ys):
-        counter = jnp.zeros((), jnp.float32)
+        counters = jnp.zeros(xs.shape[:1], jnp.float32)
         (loss, (z, e, info)), (g, g_counter) = jax.value_and_grad(
             lambda p, c: jax_loss(make_core, p, c, xs, ys), argnums=(0, 1), has_aux=True
-        )(params, counter)
+        )(params, counters)
         updates, opt_state = optimiser.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
         stats = dict(
             loss=loss,
             fwd_nfe=info.nfe,
-            bwd_nfe_total=g_counter,
+            bwd_nfe_total=jnp.sum(g_counter),
             converged=info.result == deq.RESULTS.successful,
             residual=info.residual,
             z=z,

@@ -110,16 +110,19 @@ def test_implicit_gradient_matches_finite_differences(name, problem, finite_diff
 @pytest.mark.parametrize("name", [n for n in SOLVER_NAMES if n != "NewtonKrylov"])
 def test_unrolled_gradient_matches_implicit(name, finite_differences):
     params, x = _inputs("module")
-    solver = tight_solver(name)
+    # A short Anderson history keeps the unrolled (checkpointed) graph small to compile.
+    options = {"history": 2} if name == "Anderson" else {}
+    solver = make_solver(name, **TIGHT, **options)
     unrolled, unrolled_backward, sol = gradients(
         "module", params, x, solver, imex_deq.UnrolledAdjoint()
     )
-    exact, _, implicit_sol = gradients("module", params, x, solver, implicit())
+    # The implicit gradient at the same (tightly converged) equilibrium.
+    exact, _, _ = gradients("module", params, x, tight_solver("FixedPointIteration"), implicit())
     assert sol.result == RESULTS.successful
     assert relative_error(unrolled, exact) < 1e-7
     assert relative_error(unrolled, finite_differences["module"]) < 1e-5
     # Backprop through every step: the backward pass costs one VJP per forward evaluation.
-    assert int(sol.nfe) == int(implicit_sol.nfe)
+    assert int(sol.nfe) >= int(sol.num_steps) >= 2
     assert float(unrolled_backward) == int(sol.nfe)
 
 
@@ -134,8 +137,9 @@ def test_newton_krylov_cannot_be_unrolled():
 def test_iterative_linear_solver_matches_gmres(linear_solver):
     params, x = _inputs("module")
     solver = tight_solver("Broyden")
+    options = {"history": 3} if linear_solver == "Anderson" else {}
     adjoint = imex_deq.ImplicitAdjoint(
-        linear_solver=make_solver(linear_solver, **TIGHT), max_steps=500
+        linear_solver=make_solver(linear_solver, **TIGHT, **options), max_steps=500
     )
     grad, backward_nfe, sol = gradients("module", params, x, solver, adjoint)
     reference, _, _ = gradients("module", params, x, solver, implicit())
@@ -150,24 +154,17 @@ def test_phantom_gradient_approaches_implicit():
     solver = tight_solver("FixedPointIteration")
     exact, _, exact_sol = gradients("module", params, x, solver, implicit())
     errors = {}
-    for steps in (1, 40):
+    for steps, damp in ((1, 0.0), (12, 0.0), (12, 0.2)):
         grad, backward_nfe, sol = gradients(
-            "module", params, x, solver, imex_deq.PhantomAdjoint(steps=steps)
+            "module", params, x, solver, imex_deq.PhantomAdjoint(steps=steps, damp=damp)
         )
-        errors[steps] = relative_error(grad, exact)
+        errors[steps, damp] = relative_error(grad, exact)
         assert float(backward_nfe) == steps
-        assert int(sol.nfe) == int(exact_sol.nfe) + steps  # forward pays the steps too
-    assert errors[40] < 1e-7
-    assert errors[1] > 1e-3
-    assert errors[1] > 1e3 * errors[40]
-
-
-def test_damped_phantom_gradient_also_approaches_implicit():
-    params, x = _inputs("affine")
-    solver = tight_solver("Anderson")
-    exact, _, _ = gradients("affine", params, x, solver, implicit())
-    grad, backward_nfe, _ = gradients(
-        "affine", params, x, solver, imex_deq.PhantomAdjoint(steps=40, damp=0.2)
-    )
-    assert float(backward_nfe) == 40
-    assert relative_error(grad, exact) < 1e-5
+        assert int(sol.nfe) == int(exact_sol.nfe) + steps  # the forward pays for them too
+    # ‖∂f/∂z‖ ≤ 0.5: the undamped error shrinks at least like 0.5^steps, the damped one
+    # (damp = 0.2) like (0.8 · 0.5 + 0.2)^steps, towards the same implicit gradient.
+    assert errors[12, 0.0] < 0.5**12
+    assert errors[12, 0.2] < 0.6**12
+    assert errors[1, 0.0] > 1e-2
+    assert errors[1, 0.0] > 1e3 * errors[12, 0.0]
+    assert errors[1, 0.0] > 10 * errors[12, 0.2]

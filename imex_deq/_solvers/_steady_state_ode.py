@@ -40,6 +40,19 @@ def ode_startup_count(solver: dfx.AbstractAdaptiveSolver) -> int:
     return 1 if solver.tableau.fsal else 0
 
 
+def ode_initial_state(solver: dfx.AbstractAdaptiveSolver, term, y0, args):
+    """diffrax's `solver_state` for the start with the first stage already evaluated (the
+    one startup evaluation), or None for a tableau that is not first-same-as-last.
+
+    Left to diffrax, the first stage is re-evaluated on every rejected attempt at the first
+    step (its "first step" flag survives a rejection), which no step statistic reveals;
+    evaluated here once, the count stays exact."""
+    if ode_startup_count(solver) == 0:
+        return None
+    first_step, _ = solver.init(term, 0.0, 1.0, y0, args)  # (bool flag, f0) for FSAL RK
+    return jnp.zeros_like(first_step), term.vf(0.0, y0, args)
+
+
 class SteadyStateODE(AbstractSolver):
     """The continuous ("infinite-time neural ODE") DEQ: integrates dz/dt = f(z, x) − z from
     t = 0 towards t = ∞ with an adaptive diffrax solver and stops at steady state, judged
@@ -82,8 +95,9 @@ class SteadyStateODE(AbstractSolver):
             atol=default if self.ode_atol is None else self.ode_atol,
         )
         adjoint = dfx.RecursiveCheckpointAdjoint() if differentiable else dfx.DirectAdjoint()
+        term = dfx.ODETerm(_Relaxation())
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(_Relaxation()),
+            term,
             self.ode_solver,
             t0=0.0,
             t1=jnp.inf,
@@ -96,6 +110,7 @@ class SteadyStateODE(AbstractSolver):
             max_steps=max_steps,
             adjoint=adjoint,
             throw=False,
+            solver_state=ode_initial_state(self.ode_solver, term, z0, (fn, args)),
         )
         z_end = jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
         fz = fn(z_end, args)
@@ -104,14 +119,18 @@ class SteadyStateODE(AbstractSolver):
         startup = ode_startup_count(self.ode_solver)
         nfe = startup + 1 + steps * (ode_stage_count(self.ode_solver) + 1) + 1
         _, failure = loop_verdict(self, residual, jnp.asarray(jnp.inf, residual.dtype), True)
+        # A non-finite state is reported as such, whatever stopped the integration (with
+        # NaNs diffrax rejects every step until it runs out of steps).
         result = RESULTS.where(
-            sol.result == dfx.RESULTS.event_occurred,
-            failure,
+            ~jnp.isfinite(residual),
+            RESULTS.nonfinite,
             RESULTS.where(
-                sol.result == dfx.RESULTS.max_steps_reached,
-                RESULTS.nonlinear_max_steps_reached,
+                sol.result == dfx.RESULTS.event_occurred,
+                failure,
                 RESULTS.where(
-                    jnp.isfinite(residual), RESULTS.nonlinear_divergence, RESULTS.nonfinite
+                    sol.result == dfx.RESULTS.max_steps_reached,
+                    RESULTS.nonlinear_max_steps_reached,
+                    RESULTS.nonlinear_divergence,
                 ),
             ),
         )

@@ -6,6 +6,7 @@ from ._models import SOLVERS, VARIANTS
 
 ARCHITECTURES = ("dense", "conv")
 BACKWARD = ("gmres", "anderson", "fixed-point", "phantom", "unrolled")
+PRECISIONS = ("float32", "bfloat16")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -23,7 +24,13 @@ def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines one training run; invalid values raise `ValueError` naming
-    the option. Defaults follow the paper's MNIST-dense setup."""
+    the option. Defaults follow the paper's MNIST-dense setup.
+
+    `data_parallel` splits each batch over all devices (parameters replicated; see
+    `experiments._parallel`); `distributed` first joins a multi-host run
+    (`jax.distributed.initialize`) and implies `data_parallel`. `precision="bfloat16"`
+    evaluates the DEQ's f in bfloat16 with float32 parameters and state (`MixedPrecision`).
+    """
 
     model: str = "skip-reg"
     solver: str = "continuous"
@@ -49,12 +56,16 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     stop_after_steps: int | None = None
+    data_parallel: bool = False
+    distributed: bool = False
+    precision: str = "float32"
 
     def __post_init__(self):
         _check_choice("model", self.model, VARIANTS)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("architecture", self.architecture, ARCHITECTURES)
         _check_choice("backward", self.backward, BACKWARD)
+        _check_choice("precision", self.precision, PRECISIONS)
         for name in ("epochs", "batch_size", "learning_rate", "rtol", "max_steps"):
             _check_positive(name, getattr(self, name))
         for name in ("skip_weight", "jac_weight", "pretrain_steps", "timing_batches", "seed"):

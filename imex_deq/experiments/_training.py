@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .. import nn
 from .._adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
 from .._deq import SkipDEQ, SkipRegDEQ, with_fixed_depth
+from .._precision import with_precision
 from .._regularisers import skip_loss
 from .._solution import RESULTS
 from .._solvers import Anderson, FixedPointIteration
@@ -23,6 +24,16 @@ from ..data import Dataset, iterate_batches, load_dataset, num_batches
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._config import TrainConfig
 from ._models import Classifier, build_conv_model, build_dense_model, make_solver
+from ._parallel import (
+    check_batch_size,
+    host_slice,
+    initialize_distributed,
+    is_main_process,
+    make_data_mesh,
+    replicate,
+    shard_batch,
+    to_host,
+)
 from ._timing import median_time, time_call
 
 CHECKPOINT = "checkpoint.eqx"
@@ -43,7 +54,17 @@ def make_adjoint(name: str, rtol: float):
 
 
 def build_model(config: TrainConfig, data: Dataset) -> Classifier:
-    """The run's model, initialised from its seed."""
+    """The run's model, initialised from its seed; with `precision="bfloat16"` the DEQ's f
+    is wrapped in `MixedPrecision`."""
+    model = _build_model(config, data)
+    if config.precision == "float32":
+        return model
+    return eqx.tree_at(
+        lambda m: m.layer.f, model, with_precision(model.layer.f, config.precision)
+    )
+
+
+def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
     key = jax.random.PRNGKey(config.seed)
     solver = make_solver(config.solver, config.rtol)
     adjoint = make_adjoint(config.backward, config.rtol)
@@ -111,11 +132,21 @@ class Trainer(eqx.Module):
     def forward_loss(self, model, x, y, key):
         return self.loss((model, jnp.zeros(())), x, y, key)[0]
 
+    def _depth_loss(self, model_and_counter, x, y, key, fixed_depth):
+        model, counter = model_and_counter
+        if fixed_depth is not None:
+            model = with_fixed_depth(model, fixed_depth)
+        return self.loss((model, counter), x, y, key)
+
     @eqx.filter_jit
-    def step(self, model, opt_state, x, y, key):
-        """One training step: predictor + solve + loss + adjoint + optimizer update."""
-        grad_fn = eqx.filter_value_and_grad(self.loss, has_aux=True)
-        (_, metrics), (grads, counter_grad) = grad_fn((model, jnp.zeros(())), x, y, key)
+    def step(self, model, opt_state, x, y, key, fixed_depth=None):
+        """One training step: predictor + solve + loss + adjoint + optimizer update.
+        `fixed_depth` (pretraining) applies f that many times instead of solving; `model`,
+        its gradient and `opt_state` keep the solving model's structure either way."""
+        grad_fn = eqx.filter_value_and_grad(self._depth_loss, has_aux=True)
+        (_, metrics), (grads, counter_grad) = grad_fn(
+            (model, jnp.zeros(())), x, y, key, fixed_depth
+        )
         model, opt_state = self._apply(model, opt_state, grads)
         metrics["backward_nfe"] = counter_grad / x.shape[0]
         return model, opt_state, metrics
@@ -138,18 +169,20 @@ class Trainer(eqx.Module):
         return jnp.argmax(logits, -1), info.nfe
 
 
-def evaluate(trainer: Trainer, model, x: np.ndarray, y: np.ndarray, batch_size: int) -> dict:
+def evaluate(
+    trainer: Trainer, model, x: np.ndarray, y: np.ndarray, batch_size: int, put=jnp.asarray
+) -> dict:
     """Test accuracy and mean NFE over all of (x, y); the last batch is padded, not
-    recompiled."""
+    recompiled. `put` places a batch on the devices (e.g. sharded for data parallelism)."""
     correct, nfes = 0, []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
         real = len(xb)
         if real < batch_size:
             xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - real, 0)])
-        predictions, nfe = trainer.predict(model, jnp.asarray(xb))
-        correct += int(np.sum(np.asarray(predictions)[:real] == y[start : start + real]))
-        nfes.extend(np.asarray(nfe)[:real].tolist())
+        predictions, nfe = trainer.predict(model, put(xb))
+        correct += int(np.sum(to_host(predictions)[:real] == y[start : start + real]))
+        nfes.extend(to_host(nfe)[:real].tolist())
     return {"test_accuracy": correct / len(x), "test_nfe": float(np.mean(nfes))}
 
 
@@ -166,14 +199,23 @@ def _resume(config: TrainConfig, data: Dataset, trainer: Trainer, out: Path):
     template = eqx.filter_eval_shape(_initial_state, config, data, trainer)
     (model, opt_state), meta = load_checkpoint(out / CHECKPOINT, template)
     log = out / LOG
-    if log.exists():
+    if log.exists() and is_main_process():
         kept = [
             line
             for line in log.read_text().splitlines()
-            if json.loads(line).get("step", 0) <= meta["global_step"]
+            if _logged_step(line) <= meta["global_step"]
         ]
         log.write_text("".join(line + "\n" for line in kept))
     return model, opt_state, meta
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short by a kill mid-write counts as after any
+    checkpoint (it is dropped on resume)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 class _Log:
@@ -190,19 +232,21 @@ def _to_float(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def measure_timing(trainer: Trainer, model, opt_state, data: Dataset, repeats: int) -> dict:
+def measure_timing(
+    trainer: Trainer, model, opt_state, data: Dataset, repeats: int, put=jnp.asarray
+) -> dict:
     """Per-batch seconds of the forward pass (with the solve), the backward pass (the
     adjoint), the optimizer update and prediction, each median of `repeats` after a
     compile-and-warm-up call reported apart."""
     config = trainer.config
-    x = jnp.asarray(data.x_train[: config.batch_size])
-    y = jnp.asarray(data.y_train[: config.batch_size])
+    x = put(data.x_train[: config.batch_size])
+    y = put(data.y_train[: config.batch_size])
     key = _step_key(config, 0)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
     compile_forward, forward = median_time(trainer.forward_loss, model, x, y, key, repeats=repeats)
     _, step = median_time(trainer.step, model, opt_state, x, y, key, repeats=repeats)
     compile_update, update = median_time(trainer.update, model, opt_state, zeros, repeats=repeats)
-    x_test = jnp.asarray(data.x_test[: config.batch_size])
+    x_test = put(data.x_test[: config.batch_size])
     compile_predict, predict = median_time(trainer.predict, model, x_test, repeats=repeats)
     return {
         "forward_s": forward,
@@ -227,23 +271,40 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
     A dict with the final test accuracy and NFE, training time (compile excluded),
     compile time, per-batch forward/backward/optimizer/prediction seconds, and the
     evaluation history.
+
+    With `config.data_parallel` (or `distributed`) every batch is split over all devices
+    and the model and optimizer state are replicated; the jitted step is the same.
     """
+    if config.distributed:
+        initialize_distributed()
+    mesh = make_data_mesh() if config.data_parallel or config.distributed else None
+    if mesh is None:
+        put = jnp.asarray
+    else:
+        check_batch_size(mesh, config.batch_size)
+
+        def put(batch):
+            return shard_batch(mesh, host_slice(np.asarray(batch)))
+
     if data is None:
         data = load_dataset(
             config.dataset, limit_train=config.limit_train, limit_test=config.limit_test
         )
     out = None if config.out_dir is None else Path(config.out_dir)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    writer = out if is_main_process() else None  # several hosts: process 0 writes, all read
+    if writer is not None:
+        writer.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, optax.adam(config.learning_rate))
     if config.resume and (out / CHECKPOINT).exists():
         model, opt_state, meta = _resume(config, data, trainer, out)
     else:
-        if out is not None and (out / LOG).exists():
-            (out / LOG).unlink()
+        if writer is not None and (writer / LOG).exists():
+            (writer / LOG).unlink()
         model, opt_state = _initial_state(config, data, trainer)
         meta = {"global_step": 0, "history": [], "train_time_s": 0.0, "compile_time_s": 0.0}
-    log = _Log(out)
+    if mesh is not None:
+        model, opt_state = replicate(mesh, (model, opt_state))
+    log = _Log(writer)
     per_epoch = num_batches(len(data.x_train), config.batch_size)
     total_steps = per_epoch * config.epochs
     eval_points = {
@@ -267,16 +328,15 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
         )
         for xb, yb in batches:
             pretraining = global_step < config.pretrain_steps
-            current = with_fixed_depth(model, config.pretrain_depth) if pretraining else model
-            (new_model, opt_state, metrics), seconds = time_call(
+            (model, opt_state, metrics), seconds = time_call(
                 trainer.step,
-                current,
+                model,
                 opt_state,
-                jnp.asarray(xb),
-                jnp.asarray(yb),
+                put(xb),
+                put(yb),
                 _step_key(config, global_step),
+                config.pretrain_depth if pretraining else None,
             )
-            model = with_fixed_depth(new_model, None) if pretraining else new_model
             if pretraining not in compiled:
                 compiled.add(pretraining)
                 meta["compile_time_s"] += seconds
@@ -293,7 +353,9 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
                 nfe=f"{metrics['nfe']:.1f}",
             )
             if global_step in eval_points:
-                record = evaluate(trainer, model, data.x_test, data.y_test, config.batch_size)
+                record = evaluate(
+                    trainer, model, data.x_test, data.y_test, config.batch_size, put
+                )
                 record.update(
                     step=global_step,
                     train_time_s=meta["train_time_s"],
@@ -306,24 +368,26 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
                 meta["history"].append(record)
                 log.write({"type": "eval", **record})
             at_epoch_end = global_step % per_epoch == 0
-            if out is not None and (global_step % config.checkpoint_every == 0 or at_epoch_end):
+            if writer is not None and (
+                global_step % config.checkpoint_every == 0 or at_epoch_end
+            ):
                 meta["global_step"] = global_step
-                save_checkpoint(out / CHECKPOINT, (model, opt_state), meta)
+                save_checkpoint(writer / CHECKPOINT, (model, opt_state), meta)
             if config.stop_after_steps is not None and global_step >= config.stop_after_steps:
                 bar.close()
                 return {"interrupted_at": global_step}
     bar.close()
     meta["global_step"] = global_step
-    summary = _summarise(config, trainer, model, opt_state, data, meta)
-    if out is not None:
-        save_checkpoint(out / CHECKPOINT, (model, opt_state), meta)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = _summarise(config, trainer, model, opt_state, data, meta, put)
+    if writer is not None:
+        save_checkpoint(writer / CHECKPOINT, (model, opt_state), meta)
+        (writer / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _summarise(config, trainer, model, opt_state, data, meta) -> dict[str, Any]:
-    final = evaluate(trainer, model, data.x_test, data.y_test, config.batch_size)
-    timing = measure_timing(trainer, model, opt_state, data, config.timing_batches)
+def _summarise(config, trainer, model, opt_state, data, meta, put=jnp.asarray) -> dict[str, Any]:
+    final = evaluate(trainer, model, data.x_test, data.y_test, config.batch_size, put)
+    timing = measure_timing(trainer, model, opt_state, data, config.timing_batches, put)
     history = meta["history"]
     return {
         "config": dataclasses.asdict(config),

@@ -7,7 +7,7 @@ import sys
 
 from ..data import DataError
 from ._checkpoint import CheckpointError
-from ._config import ARCHITECTURES, BACKWARD, TrainConfig
+from ._config import ARCHITECTURES, BACKWARD, PRECISIONS, TrainConfig
 from ._models import SOLVERS, VARIANTS
 from ._reproduce import EXPERIMENTS, reproduce
 from ._training import train
@@ -29,6 +29,23 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     add("--limit-test", type=int, default=None, help="use only the first N test images")
     add("--evals-per-epoch", type=int, default=d.evals_per_epoch)
     add("--no-progress", action="store_true", help="hide the progress bar")
+    add(
+        "--data-parallel",
+        action="store_true",
+        help="split each batch over all devices (parameters replicated)",
+    )
+    add(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host run first (jax.distributed.initialize; set "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); implies --data-parallel",
+    )
+    add(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="dtype the DEQ's f computes in (parameters and state stay float32)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,6 +95,9 @@ def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         limit_test=args.limit_test,
         evals_per_epoch=args.evals_per_epoch,
         progress=not args.no_progress,
+        data_parallel=args.data_parallel,
+        distributed=args.distributed,
+        precision=args.precision,
         **extra,
     )
 

@@ -1,0 +1,147 @@
+"""`reproduce`: every variant trained on tiny data, then table.md, results.json and a plot;
+plus the table and headline ratios on hand-made results (no training)."""
+
+import json
+
+import pytest
+
+from imex_deq.experiments import TrainConfig, reproduce
+from imex_deq.experiments._reproduce import Variant, headline_ratios, table, variants
+
+ROWS = ("vanilla", "skip", "skip-reg", "neural-ode")
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    results = reproduce(
+        "mnist-dense",
+        dataset="digits",
+        seeds=1,
+        epochs=1,
+        solvers=("anderson",),
+        with_jac=False,
+        base=TrainConfig(
+            limit_train=64, limit_test=32, batch_size=16, progress=False, timing_batches=1
+        ),
+        out_dir=str(out),
+    )
+    return out / "mnist-dense", results
+
+
+def test_table_has_every_variant_and_the_paper(reproduced):
+    folder, _ = reproduced
+    text = (folder / "table.md").read_text()
+    assert text.startswith("# mnist-dense on digits: 1 seed(s), 1 epoch(s)")
+    assert "## anderson" in text
+    for row in ROWS:
+        assert f"| {row} |" in text, row
+    assert "+jac" not in text  # with_jac=False
+    assert "paper 97.93" in text  # the vanilla row quotes the paper's accuracy
+    assert "paper" in text and "× vanilla" in text
+    assert "![anderson](mnist-dense-anderson.png)" in text
+
+
+def test_headline_ratio_lines(reproduced, capsys):
+    folder, _ = reproduced
+    text = (folder / "table.md").read_text()
+    for start in (
+        "- Skip Reg. vs Vanilla training time: ",
+        "- test NFE Skip Reg. ",
+        "- neural ODE vs continuous Vanilla DEQ training time: ",
+        "- neural ODE vs continuous Vanilla DEQ backward s/batch: ",
+    ):
+        assert start in text, start
+
+
+def test_results_json(reproduced):
+    folder, returned = reproduced
+    stored = json.loads((folder / "results.json").read_text())
+    assert sorted(stored) == sorted(f"{row}@anderson" for row in ROWS)
+    assert sorted(returned) == sorted(stored)
+    for key, runs in stored.items():
+        assert len(runs) == 1, key
+        run = runs[0]
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["steps"] == 4
+        assert run["config"]["solver"] == "anderson"
+        assert run["config"]["limit_train"] == 64
+        assert run["history"] and run["history"][-1]["step"] == 4
+    # Each run kept its own folder with log, checkpoint and summary.
+    runs = sorted(p.name for p in (folder / "runs").iterdir())
+    assert runs == sorted(
+        ["vanilla-anderson-s0", "skip-anderson-s0", "skip-reg-anderson-s0", "neural-ode-s0"]
+    )
+    for name in runs:
+        assert (folder / "runs" / name / "summary.json").is_file()
+
+
+def test_plot_written(reproduced):
+    folder, _ = reproduced
+    png = folder / "mnist-dense-anderson.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+
+
+def test_unknown_experiment(tmp_path):
+    with pytest.raises(ValueError, match="mnist-dense"):
+        reproduce("cifar-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
+                  out_dir=tmp_path)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------- table without training
+
+
+def _run(accuracy, nfe, train_s, backward_s, predict_s=0.01):
+    return dict(
+        test_accuracy=accuracy,
+        test_nfe=nfe,
+        train_time_s=train_s,
+        backward_s=backward_s,
+        predict_s=predict_s,
+        history=[],
+    )
+
+
+def _results(vanilla_backward_s):
+    rows = variants(("continuous",), with_jac=True)
+    assert [v.label for v in rows] == [
+        "vanilla", "vanilla+jac", "skip", "skip+jac", "skip-reg", "skip-reg+jac", "neural-ode"
+    ]  # fmt: skip
+    results = {v: [_run(0.9, 10.0, 120.0, 0.02), _run(0.92, 12.0, 120.0, 0.02)] for v in rows}
+    results[Variant("vanilla", False, "continuous")] = [
+        _run(0.96, 18.0, 240.0, vanilla_backward_s),
+        _run(0.98, 18.0, 240.0, vanilla_backward_s),
+    ]
+    return results
+
+
+def test_table_means_ratios_and_paper_values():
+    from imex_deq.experiments._reproduce import PAPER_MNIST_DENSE
+
+    text = table(_results(0.04), "continuous", PAPER_MNIST_DENSE)
+    lines = text.splitlines()
+    assert len(lines) == 2 + 7
+    vanilla = next(line for line in lines if line.startswith("| vanilla |"))
+    assert "97.00 ± 1.41" in vanilla and "paper 97.93" in vanilla and "×" not in vanilla
+    skip = next(line for line in lines if line.startswith("| skip |"))
+    assert "91.00 ± 1.41 (0.94× vanilla; paper 97.76)" in skip
+    assert "2.00 ± 0.00 (0.50× vanilla; paper 1.71)" in skip  # train minutes
+
+
+def test_headline_ratios():
+    lines = headline_ratios(_results(0.04), "continuous")
+    assert lines == [
+        "Skip Reg. vs Vanilla training time: 2.00x (paper 4.0x)",
+        "test NFE Skip Reg. 11.0 vs Vanilla 18.0 (paper 4.0 vs 18.3)",
+        "neural ODE vs continuous Vanilla DEQ training time: 0.50x (paper 2-4x)",
+        "neural ODE vs continuous Vanilla DEQ backward s/batch: 0.50x",
+    ]
+
+
+def test_headline_ratios_with_unmeasurable_backward_time():
+    # backward_s is clamped at 0 when step - forward - update is below timer noise.
+    lines = headline_ratios(_results(0.0), "continuous")
+    assert len(lines) == 4
+    assert lines[-1].startswith("neural ODE vs continuous Vanilla DEQ backward s/batch: ")

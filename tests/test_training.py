@@ -1,0 +1,212 @@
+"""The training loop: one `Trainer.step` per model variant, fixed-depth pretraining, and the
+files `train()` writes (log.jsonl, summary.json, checkpoint).
+
+Every configuration here uses the cheapest solver/adjoint pair (fixed-point iteration,
+unrolled backward) on 64 digits images, and each compiled step is shared through a
+module-scoped fixture: JAX compiles dominate the runtime.
+"""
+
+import json
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from imex_deq.data import load_dataset
+from imex_deq.experiments import TrainConfig, Trainer, train
+from imex_deq.experiments._training import build_model
+
+VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode")
+TINY = dict(
+    solver="fixed-point",
+    backward="unrolled",
+    dataset="digits",
+    batch_size=16,
+    limit_train=64,
+    limit_test=32,
+    max_steps=10,
+    epochs=1,
+    learning_rate=1e-2,
+    progress=False,
+    timing_batches=1,
+)
+
+
+def tiny_config(**changes) -> TrainConfig:
+    return TrainConfig(**{**TINY, **changes})
+
+
+def strict_json(text: str):
+    """`json.loads` that rejects NaN/Infinity (not JSON, and unreadable by most tools)."""
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def param_leaves(model) -> list[np.ndarray]:
+    params = eqx.filter(model, eqx.is_inexact_array)
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(params)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", limit_train=64, limit_test=32)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def stepped(request, data):
+    """One training step of one variant; skip-reg also with Jacobian regularisation so the
+    same compile covers the `jac` metric."""
+    variant = request.param
+    config = tiny_config(model=variant, jac_weight=1.0 if variant == "skip-reg" else 0.0)
+    trainer = Trainer(config, optax.adam(config.learning_rate))
+    model = build_model(config, data)
+    opt_state = trainer.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    x = jnp.asarray(data.x_train[: config.batch_size])
+    y = jnp.asarray(data.y_train[: config.batch_size])
+    new_model, new_opt_state, metrics = trainer.step(
+        model, opt_state, x, y, jax.random.PRNGKey(0)
+    )
+    metrics = {k: float(v) for k, v in metrics.items()}
+    return variant, model, new_model, metrics
+
+
+def test_step_returns_finite_loss(stepped):
+    variant, _, _, metrics = stepped
+    for name in ("loss", "ce", "skip", "jac", "accuracy"):
+        assert math.isfinite(metrics[name]), (variant, name, metrics)
+    assert metrics["loss"] > 0
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert 0.0 <= metrics["converged"] <= 1.0
+
+
+def test_step_changes_every_parameter(stepped):
+    variant, before, after, _ = stepped
+    old, new = param_leaves(before), param_leaves(after)
+    assert len(old) == len(new) > 0
+    for i, (a, b) in enumerate(zip(old, new)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert np.all(np.isfinite(b)), (variant, i)
+        assert not np.array_equal(a, b), f"{variant}: parameter leaf {i} did not change"
+
+
+def test_step_reports_forward_and_backward_nfe(stepped):
+    variant, _, _, metrics = stepped
+    assert metrics["nfe"] > 0
+    assert metrics["nfe_max"] >= metrics["nfe"]
+    assert metrics["backward_nfe"] > 0
+    # backward="unrolled" (and the neural ODE's recursive checkpointing) backpropagates
+    # once through every forward evaluation.
+    assert metrics["backward_nfe"] == pytest.approx(metrics["nfe"], rel=1e-6), variant
+
+
+def test_jacobian_metric(stepped):
+    variant, _, _, metrics = stepped
+    if variant == "skip-reg":  # trained with jac_weight=1.0
+        assert metrics["jac"] > 0
+        assert metrics["loss"] == pytest.approx(
+            metrics["ce"] + metrics["skip"] + metrics["jac"], rel=1e-5
+        )
+    else:
+        assert metrics["jac"] == 0.0
+
+
+def test_skip_loss_only_for_skip_variants(stepped):
+    variant, _, _, metrics = stepped
+    if variant in ("skip", "skip-reg"):
+        assert metrics["skip"] > 0
+    else:
+        assert metrics["skip"] == 0.0
+
+
+def test_skip_predictor_trained_only_in_skip(stepped):
+    variant, before, after, _ = stepped
+    if variant != "skip":
+        # No explicit predictor: Skip Reg. uses f(0, x), the others start at zero.
+        assert not hasattr(before.layer, "predictor")
+        return
+    old = param_leaves(before.layer.predictor)
+    new = param_leaves(after.layer.predictor)
+    assert old and all(not np.array_equal(a, b) for a, b in zip(old, new))
+
+
+# ------------------------------------------------------------------- train() end to end
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory, data):
+    """train(): 4 steps, the first 2 at fixed depth 3."""
+    out = tmp_path_factory.mktemp("pretrain")
+    config = tiny_config(model="vanilla", pretrain_steps=2, pretrain_depth=3, out_dir=str(out))
+    summary = train(config, data)
+    return config, out, summary
+
+
+def _log(out):
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [strict_json(line) for line in lines]
+
+
+def test_train_log_is_json_lines_with_increasing_steps(pretrained_run):
+    _, out, _ = pretrained_run
+    text = (out / "log.jsonl").read_text()
+    assert text.endswith("\n")
+    records = _log(out)
+    steps = [r["step"] for r in records if "type" not in r]
+    assert steps == [1, 2, 3, 4]
+    evals = [r for r in records if r.get("type") == "eval"]
+    assert [r["step"] for r in evals] == [4]
+    for record in records:
+        if "type" not in record:
+            assert record["epoch"] == 0
+            assert record["time_s"] > 0
+            for key in ("loss", "ce", "accuracy", "nfe", "backward_nfe", "converged"):
+                assert math.isfinite(record[key]), (key, record)
+
+
+def test_pretraining_runs_at_fixed_depth(pretrained_run):
+    _, out, _ = pretrained_run
+    steps = [r for r in _log(out) if "type" not in r]
+    for record in steps[:2]:
+        assert record["nfe"] == 3
+        assert record["nfe_max"] == 3
+        assert record["backward_nfe"] == 3  # plain backprop through the 3 applications
+    # After pretraining the solver runs again (it is not stuck in fixed-depth mode).
+    for record in steps[2:]:
+        assert record["backward_nfe"] == pytest.approx(record["nfe"], rel=1e-6)
+
+
+def test_train_summary(pretrained_run):
+    config, out, summary = pretrained_run
+    on_disk = strict_json((out / "summary.json").read_text())
+    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    assert 0.0 <= on_disk["test_accuracy"] <= 1.0
+    assert on_disk["test_nfe"] > 0
+    assert on_disk["steps"] == 4
+    assert on_disk["name"] == config.name
+    assert on_disk["config"]["pretrain_steps"] == 2
+    assert on_disk["parameters"] > 0
+    for key in ("forward_s", "backward_s", "optimizer_s", "step_s", "predict_s"):
+        assert on_disk[key] >= 0, key
+    assert on_disk["forward_s"] > 0 and on_disk["predict_s"] > 0
+    assert len(on_disk["history"]) == 1 and on_disk["history"][0]["step"] == 4
+    assert (out / "checkpoint.eqx").is_file()
+
+
+def test_compile_time_reported_apart_from_train_time(pretrained_run):
+    _, out, summary = pretrained_run
+    steps = [r for r in _log(out) if "type" not in r]
+    # The first call of each compiled mode (fixed depth: step 1; solving: step 3) is
+    # compile time, the rest is training time.
+    compile_s = steps[0]["time_s"] + steps[2]["time_s"]
+    train_s = steps[1]["time_s"] + steps[3]["time_s"]
+    assert summary["compile_time_s"] == pytest.approx(compile_s, rel=1e-6)
+    assert summary["train_time_s"] == pytest.approx(train_s, rel=1e-6)
+    assert summary["compile_time_s"] > summary["train_time_s"] > 0
+    assert summary["compile_timing_s"] >= 0
