@@ -43,9 +43,7 @@ def at_least_float32(dtype) -> jnp.dtype:
 
 def tree_norm(tree: State) -> Float[Array, ""]:
     """Euclidean norm of a PyTree of arrays, as one flat vector."""
-    leaves = [
-        leaf.astype(at_least_float32(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(tree)
-    ]
+    leaves = [leaf.astype(at_least_float32(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(tree)]
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
 
 

@@ -39,6 +39,10 @@ def configure_threads(threads: int | None) -> None:
     (the recipe from the JAX FAQ) and, since recent XLA CPU runtimes size their thread pool
     from the CPUs the process may use, also restricts the process's CPU affinity to N CPUs.
     """
+    # PyTorch's OpenMP workers busy-wait between parallel regions by default. Interleaved with
+    # XLA's threads in one process (or on a loaded machine) that spinning steals the cores:
+    # a 2.6 ms step read 66 ms median on this 2-core box under load. Passive waiting fixes it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads is None:
         return
     if "jax" in sys.modules:
@@ -67,9 +71,13 @@ def cpu_model() -> str:
 def machine_line(threads: int | None) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     shown = "default (all)" if threads is None else str(threads)
+    try:
+        load = f"load avg {os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = "load avg ?"
     return (
         f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs ({cores} usable), "
-        f"threads={shown}, {platform.system()} {platform.release()}, "
+        f"threads={shown}, {load} at start, {platform.system()} {platform.release()}, "
         f"python {platform.python_version()}"
     )
 
@@ -203,12 +211,12 @@ TORCHDEQ_SOLVERS = ("fixed_point_iter", "anderson", "broyden")
 ANDERSON_HISTORY = 6  # torchdeq's anderson_solver default m=6
 
 
-def imex_solver(name: str, tol: float, stop_mode: str, max_iter: int):
+def imex_solver(name: str, tol: float, stop_mode: str, max_iter: int, memory: int | None = None):
     """The imex-deq solver matching a torchdeq solver name (same stopping rule, same
-    history/memory as torchdeq's defaults)."""
+    history/memory as torchdeq's defaults; `memory` overrides Broyden's)."""
     import imex_deq as deq
 
-    kwargs = dict(termination=stop_mode)
+    kwargs = {"termination": stop_mode}
     if stop_mode == "rel":
         kwargs["rtol"] = tol
     else:
@@ -219,7 +227,7 @@ def imex_solver(name: str, tol: float, stop_mode: str, max_iter: int):
         return deq.Anderson(history=ANDERSON_HISTORY, **kwargs)
     if name == "broyden":
         # torchdeq keeps every rank-one update (LBFGS_thres = max_iter).
-        return deq.Broyden(memory=max_iter, **kwargs)
+        return deq.Broyden(memory=max_iter if memory is None else memory, **kwargs)
     raise ValueError(name)
 
 
@@ -381,15 +389,15 @@ def jax_train_step(make_core: Callable, learning_rate: float = 1e-3):
         )(params, counters)
         updates, opt_state = optimiser.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
-        stats = dict(
-            loss=loss,
-            fwd_nfe=info.nfe,
-            bwd_nfe_total=jnp.sum(g_counter),
-            converged=info.result == deq.RESULTS.successful,
-            residual=info.residual,
-            z=z,
-            e=e,
-        )
+        stats = {
+            "loss": loss,
+            "fwd_nfe": info.nfe,
+            "bwd_nfe_total": jnp.sum(g_counter),
+            "converged": info.result == deq.RESULTS.successful,
+            "residual": info.residual,
+            "z": z,
+            "e": e,
+        }
         return params, opt_state, stats
 
     return optimiser.init, step
@@ -555,10 +563,13 @@ def torch_modules():
             z = self.core(self.f, e)
             return self.head(z), z, e
 
-    _TORCH_MODULES = dict(
-        TorchF=TorchF, DEQCore=DEQCore, ODECore=ODECore, ExplicitCore=ExplicitCore,
-        TorchNet=TorchNet,
-    )
+    _TORCH_MODULES = {
+        "TorchF": TorchF,
+        "DEQCore": DEQCore,
+        "ODECore": ODECore,
+        "ExplicitCore": ExplicitCore,
+        "TorchNet": TorchNet,
+    }
     return _TORCH_MODULES
 
 
@@ -592,8 +603,14 @@ def torch_step(net, opt, x, y) -> dict:
     loss.backward()
     bwd_vjps, bwd_evals = counter.vjps, counter.evals
     opt.step()
-    return dict(loss=float(loss), fwd_nfe=fwd, bwd_vjps=bwd_vjps, bwd_evals=bwd_evals,
-                z=z.detach().numpy(), e=e.detach().numpy())
+    return {
+        "loss": float(loss.detach()),
+        "fwd_nfe": fwd,
+        "bwd_vjps": bwd_vjps,
+        "bwd_evals": bwd_evals,
+        "z": z.detach().numpy(),
+        "e": e.detach().numpy(),
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -655,7 +672,9 @@ def parity_check(
     grad_rel = {k: rel_diff(g_t[k], np.asarray(g_j[k])) for k in PARAM_NAMES}
     if residual_mode is not None:
         r_peer = float(shared_residual(weights, z_t, e_t, residual_mode).max())
-        r_imex = float(shared_residual(weights, np.asarray(z_j), np.asarray(e_j), residual_mode).max())
+        r_imex = float(
+            shared_residual(weights, np.asarray(z_j), np.asarray(e_j), residual_mode).max()
+        )
     else:
         r_peer = r_imex = float("nan")
     reasons = []

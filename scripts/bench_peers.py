@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench_common as bc  # noqa: E402
+import _bench_common as bc
 
 
 def parse_args(argv=None):
@@ -50,6 +51,14 @@ def parse_args(argv=None):
     p.add_argument("--ode-rtol", type=float, default=1e-3)
     p.add_argument("--ode-atol", type=float, default=1e-3)
     p.add_argument("--parity-tol", type=float, default=1e-4)
+    p.add_argument(
+        "--ode-parity-tol",
+        type=float,
+        default=None,
+        help="parity threshold for the neural-ODE rows (default: --parity-tol). "
+        "With f's ReLU kinks, adaptive dopri5 gradients agree only to ~1e-3 "
+        "across libraries even at rtol 1e-8 (float64 shows the same)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", default="results/bench_peers.json")
     return p.parse_args(argv)
@@ -71,50 +80,105 @@ def build_rows(args):
     import imex_deq as deq
 
     rows = []
-    for solver, label in (
-        ("fixed_point_iter", "FixedPointIteration"),
-        ("anderson", "Anderson"),
-        ("broyden", "Broyden"),
+    for solver, label, memory in (
+        ("fixed_point_iter", "FixedPointIteration", None),
+        ("anderson", "Anderson", None),
+        ("broyden", "Broyden", None),
+        ("broyden", "Broyden", 10),
     ):
         cfg = bc.DEQConfig(solver, args.tol, args.max_iter, args.b_tol, args.max_iter, "rel")
         core = bc.jax_core_factory(
             "deq",
-            solver=bc.imex_solver(solver, args.tol, "rel", args.max_iter),
+            solver=bc.imex_solver(solver, args.tol, "rel", args.max_iter, memory),
             adjoint=deq.ImplicitAdjoint(
-                linear_solver=bc.imex_solver(solver, args.b_tol, "rel", args.max_iter),
+                linear_solver=bc.imex_solver(solver, args.b_tol, "rel", args.max_iter, memory),
                 max_steps=args.max_iter,
             ),
             max_steps=args.max_iter,
         )
-        rows.append(Row(
-            f"DEQ {solver}", f"torchdeq {solver} + IFT({solver})",
-            f"{label} + ImplicitAdjoint({label})", "deq", cfg, core, solver, True,
-        ))
+        if solver == "broyden":
+            mem = f"memory={args.max_iter if memory is None else memory}"
+            label = f"Broyden({mem})"
+        rows.append(
+            Row(
+                f"DEQ {solver}" + ("" if memory is None else f" (imex memory {memory})"),
+                f"torchdeq {solver} + IFT({solver})",
+                f"{label} + ImplicitAdjoint({label})",
+                "deq",
+                cfg,
+                core,
+                solver if memory is None else f"{solver}_m{memory}",
+                True,
+            )
+        )
     ode = bc.ODEConfig(args.ode_rtol, args.ode_atol, 1.0)
-    for adjoint, label in (("backsolve", "BacksolveAdjoint"), ("checkpoint", "RecursiveCheckpointAdjoint")):
+    for adjoint, label in (
+        ("backsolve", "BacksolveAdjoint"),
+        ("checkpoint", "RecursiveCheckpointAdjoint"),
+    ):
         core = bc.jax_core_factory(
             "neural_ode", rtol=args.ode_rtol, atol=args.ode_atol, adjoint=adjoint
         )
-        rows.append(Row(
-            f"neural ODE ({adjoint})", "torchdiffeq odeint_adjoint dopri5",
-            f"NeuralODE(Dopri5, {label})", "neural_ode", ode, core, f"neural_ode_{adjoint}",
-            False,
-        ))
+        rows.append(
+            Row(
+                f"neural ODE ({adjoint})",
+                "torchdiffeq odeint_adjoint dopri5",
+                f"NeuralODE(Dopri5, {label})",
+                "neural_ode",
+                ode,
+                core,
+                f"neural_ode_{adjoint}",
+                False,
+            )
+        )
     core = bc.jax_core_factory(
         "deq",
         solver=deq.SteadyStateODE(rtol=args.tol, termination="rel"),
         adjoint=deq.ImplicitAdjoint(),
         max_steps=args.max_iter,
     )
-    rows.append(Row(
-        "continuous DEQ vs neural ODE", "torchdiffeq odeint_adjoint dopri5",
-        "SteadyStateODE(Tsit5) + ImplicitAdjoint(GMRES)", "neural_ode", ode, core,
-        "continuous_deq", False,
-    ))
-    rows.append(Row(
-        "explicit (f once)", "torch f(0, x)", "jax f(0, x)", "explicit", None,
-        bc.jax_core_factory("explicit"), "explicit", False,
-    ))
+    rows.append(
+        Row(
+            "continuous DEQ vs neural ODE",
+            "torchdiffeq odeint_adjoint dopri5",
+            "SteadyStateODE(Tsit5) + ImplicitAdjoint(GMRES)",
+            "neural_ode",
+            ode,
+            core,
+            "continuous_deq",
+            False,
+        )
+    )
+    core = bc.jax_core_factory(
+        "deq",
+        solver=deq.SteadyStateODE(rtol=args.tol, termination="rel", ode_atol=1e-4),
+        adjoint=deq.ImplicitAdjoint(),
+        max_steps=args.max_iter,
+    )
+    rows.append(
+        Row(
+            "continuous DEQ (ode_atol 1e-4) vs neural ODE",
+            "torchdiffeq odeint_adjoint dopri5",
+            "SteadyStateODE(Tsit5, ode_atol=1e-4) + ImplicitAdjoint(GMRES)",
+            "neural_ode",
+            ode,
+            core,
+            "continuous_deq",
+            False,
+        )
+    )
+    rows.append(
+        Row(
+            "explicit (f once)",
+            "torch f(0, x)",
+            "jax f(0, x)",
+            "explicit",
+            None,
+            bc.jax_core_factory("explicit"),
+            "explicit",
+            False,
+        )
+    )
     return rows
 
 
@@ -124,29 +188,46 @@ def run_parity(args, weights, x, y):
 
     tight, iters = 1e-6, 400
     out = {}
-    for solver in bc.TORCHDEQ_SOLVERS:
+    for solver, memory in [(s, None) for s in bc.TORCHDEQ_SOLVERS] + [("broyden", 10)]:
         cfg = bc.DEQConfig(solver, tight, iters, tight, iters, "rel")
         core = bc.jax_core_factory(
             "deq",
-            solver=bc.imex_solver(solver, tight, "rel", iters),
+            solver=bc.imex_solver(solver, tight, "rel", iters, memory),
             adjoint=deq.ImplicitAdjoint(
-                linear_solver=bc.imex_solver(solver, tight, "rel", iters), max_steps=iters
+                linear_solver=bc.imex_solver(solver, tight, "rel", iters, memory),
+                max_steps=iters,
             ),
             max_steps=iters,
         )
-        out[solver] = bc.parity_check(
-            f"{solver} (rel tol {tight:g}, max_iter {iters})", weights, x, y, "deq", cfg, core,
+        key = solver if memory is None else f"{solver}_m{memory}"
+        label = "" if memory is None else f", imex Broyden memory={memory}"
+        out[key] = bc.parity_check(
+            f"{solver} (rel tol {tight:g}, max_iter {iters}{label})",
+            weights,
+            x,
+            y,
+            "deq",
+            cfg,
+            core,
             tol=args.parity_tol,
         )
-        bc.log(out[solver].line())
-    ode_tol = 1e-9
+        bc.log(out[key].line())
+    ode_tol = 1e-8
     ode = bc.ODEConfig(ode_tol, ode_tol, 1.0)
+    ode_parity = args.parity_tol if args.ode_parity_tol is None else args.ode_parity_tol
     for adjoint in ("backsolve", "checkpoint"):
         core = bc.jax_core_factory("neural_ode", rtol=ode_tol, atol=ode_tol, adjoint=adjoint)
         name = f"neural_ode_{adjoint}"
         out[name] = bc.parity_check(
             f"neural ODE torchdiffeq vs NeuralODE({adjoint}) (rtol=atol={ode_tol:g})",
-            weights, x, y, "neural_ode", ode, core, tol=args.parity_tol, residual_mode=None,
+            weights,
+            x,
+            y,
+            "neural_ode",
+            ode,
+            core,
+            tol=ode_parity,
+            residual_mode=None,
         )
         bc.log(out[name].line())
     # The continuous DEQ solves a different problem from the finite-time neural ODE it is
@@ -161,13 +242,25 @@ def run_parity(args, weights, x, y):
     )
     out["continuous_deq"] = bc.parity_check(
         f"continuous DEQ (SteadyStateODE rtol {tight:g}) vs torchdeq anderson equilibrium",
-        weights, x, y, "deq", bc.DEQConfig("anderson", tight, iters, tight, iters, "rel"), core,
+        weights,
+        x,
+        y,
+        "deq",
+        bc.DEQConfig("anderson", tight, iters, tight, iters, "rel"),
+        core,
         tol=args.parity_tol,
     )
     bc.log(out["continuous_deq"].line())
     out["explicit"] = bc.parity_check(
-        "explicit f(0, x)", weights, x, y, "explicit", None, bc.jax_core_factory("explicit"),
-        tol=args.parity_tol, residual_mode=None,
+        "explicit f(0, x)",
+        weights,
+        x,
+        y,
+        "explicit",
+        None,
+        bc.jax_core_factory("explicit"),
+        tol=args.parity_tol,
+        residual_mode=None,
     )
     bc.log(out["explicit"].line())
     return out
@@ -216,46 +309,58 @@ def time_row(row: Row, args, weights, x, y):
 
     jax_step = statistics.median(j_times)
     nfe = np.stack([np.asarray(s["fwd_nfe"]) for s in j_stats])
-    res = dict(
-        row=row.name,
-        peer=row.peer,
-        imex=row.imex,
-        peer_ms=1e3 * statistics.median(t_times),
-        imex_ms=1e3 * jax_step,
-        imex_compile_s=max(jax_first - jax_step, 0.0),
-        peer_fwd_nfe=statistics.fmean(s["fwd_nfe"] for s in t_stats),
-        peer_bwd_vjps=statistics.fmean(s["bwd_vjps"] for s in t_stats),
-        peer_bwd_f_evals=statistics.fmean(s["bwd_evals"] for s in t_stats),
-        imex_fwd_nfe_mean=float(nfe.mean()),
-        imex_fwd_nfe_batch_max=int(nfe.max()),
-        imex_bwd_nfe=float(np.mean([float(s["bwd_nfe_total"]) for s in j_stats])) / args.batch,
-        imex_converged=float(np.mean([np.asarray(s["converged"]).mean() for s in j_stats])),
-    )
+    res = {
+        "row": row.name,
+        "peer": row.peer,
+        "imex": row.imex,
+        "peer_ms": 1e3 * statistics.median(t_times),
+        "imex_ms": 1e3 * jax_step,
+        "peer_ms_min": 1e3 * min(t_times),
+        "imex_ms_min": 1e3 * min(j_times),
+        "imex_compile_s": max(jax_first - jax_step, 0.0),
+        "peer_fwd_nfe": statistics.fmean(s["fwd_nfe"] for s in t_stats),
+        "peer_bwd_vjps": statistics.fmean(s["bwd_vjps"] for s in t_stats),
+        "peer_bwd_f_evals": statistics.fmean(s["bwd_evals"] for s in t_stats),
+        "imex_fwd_nfe_mean": float(nfe.mean()),
+        "imex_fwd_nfe_batch_max": int(nfe.max()),
+        "imex_bwd_nfe": float(np.mean([float(s["bwd_nfe_total"]) for s in j_stats])) / args.batch,
+        "imex_converged": float(np.mean([np.asarray(s["converged"]).mean() for s in j_stats])),
+        "imex_loss": float(j_stats[-1]["loss"]),
+        "peer_loss": t_stats[-1]["loss"],
+    }
     res["ratio"] = res["peer_ms"] / res["imex_ms"]
     if row.fixed_point:
         res["peer_residual_max"] = float(
             bc.shared_residual(weights, t_stats[-1]["z"], t_stats[-1]["e"], "rel").max()
         )
         res["imex_residual_max"] = float(
-            bc.shared_residual(weights, np.asarray(j_stats[-1]["z"]), np.asarray(j_stats[-1]["e"]), "rel").max()
+            bc.shared_residual(
+                weights, np.asarray(j_stats[-1]["z"]), np.asarray(j_stats[-1]["e"]), "rel"
+            ).max()
         )
         res["imex_residual_mean"] = float(
-            bc.shared_residual(weights, np.asarray(j_stats[-1]["z"]), np.asarray(j_stats[-1]["e"]), "rel").mean()
+            bc.shared_residual(
+                weights, np.asarray(j_stats[-1]["z"]), np.asarray(j_stats[-1]["e"]), "rel"
+            ).mean()
         )
     return res
 
 
 def fmt_nfe(x) -> str:
-    if x != x:  # NaN
+    if math.isnan(x):
         return "n/a"
     return f"{x:.1f}" if abs(x - round(x)) > 0.05 else f"{round(x)}"
 
 
 def table(results, parity, skipped) -> str:
     lines = [
-        "| row | peer | imex-deq | peer ms/step | imex ms/step | ratio peer/imex | imex compile s "
-        "| fwd NFE peer | fwd NFE imex mean (max) | bwd NFE peer | bwd NFE imex | parity |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        (
+            "| row | peer | imex-deq | peer ms/step median (min) | imex ms/step median (min) "
+            "| ratio peer/imex (medians) | imex compile s "
+            "| fwd NFE peer | fwd NFE imex mean (max) | bwd NFE peer | bwd NFE imex | imex converged "
+            "| parity |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         p = parity.get(r["parity"])
@@ -263,15 +368,20 @@ def table(results, parity, skipped) -> str:
         bwd_peer = fmt_nfe(r["peer_bwd_vjps"])
         if r["peer_bwd_f_evals"] and r["peer_bwd_f_evals"] != r["peer_bwd_vjps"]:
             bwd_peer += f" (+{fmt_nfe(r['peer_bwd_f_evals'])} f)"
-        bwd_imex = "n/a" if r["imex"].startswith("NeuralODE(Dopri5, Backsolve") else fmt_nfe(r["imex_bwd_nfe"])
+        bwd_imex = (
+            "n/a"
+            if r["imex"].startswith("NeuralODE(Dopri5, Backsolve")
+            else fmt_nfe(r["imex_bwd_nfe"])
+        )
         lines.append(
-            f"| {r['row']} | {r['peer']} | {r['imex']} | {r['peer_ms']:.1f} | {r['imex_ms']:.1f} "
+            f"| {r['row']} | {r['peer']} | {r['imex']} | {r['peer_ms']:.1f} ({r['peer_ms_min']:.1f}) "
+            f"| {r['imex_ms']:.1f} ({r['imex_ms_min']:.1f}) "
             f"| {r['ratio']:.2f} | {r['imex_compile_s']:.1f} | {fmt_nfe(r['peer_fwd_nfe'])} "
             f"| {r['imex_fwd_nfe_mean']:.1f} ({r['imex_fwd_nfe_batch_max']}) | {bwd_peer} "
-            f"| {bwd_imex} | {ok} |"
+            f"| {bwd_imex} | {100 * r['imex_converged']:.0f}% | {ok} |"
         )
     for name, why in skipped:
-        lines.append(f"| {name} | — | — | — | — | — | — | — | — | — | — | FAILED: {why} |")
+        lines.append(f"| {name} | — | — | — | — | — | — | — | — | — | — | — | FAILED: {why} |")
     return "\n".join(lines)
 
 
@@ -341,16 +451,16 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(
-            dict(
-                machine=machine,
-                versions=versions,
-                data=data,
-                config=vars(args),
-                parity={k: dataclasses.asdict(v) for k, v in parity.items()},
-                skipped=[dict(row=n, why=w) for n, w in skipped],
-                rows=results,
-                total_s=time.perf_counter() - total,
-            ),
+            {
+                "machine": machine,
+                "versions": versions,
+                "data": data,
+                "config": vars(args),
+                "parity": {k: dataclasses.asdict(v) for k, v in parity.items()},
+                "skipped": [{"row": n, "why": w} for n, w in skipped],
+                "rows": results,
+                "total_s": time.perf_counter() - total,
+            },
             fh,
             indent=2,
         )

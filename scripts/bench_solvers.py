@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench_common as bc  # noqa: E402
+import _bench_common as bc
 
 SOLVER_NAMES = ("FixedPointIteration", "Anderson", "Broyden", "NewtonKrylov", "SteadyStateODE")
 ADJOINT_NAMES = (
@@ -41,20 +41,31 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=128, help="DEQ state size")
     p.add_argument("--threads", type=int, default=None, help="pin XLA to N threads")
     p.add_argument("--rtol", type=float, default=5e-3, help="forward relative tolerance")
-    p.add_argument("--adjoint-rtol", type=float, default=1e-3,
-                   help="relative tolerance of the iterative adjoint linear solvers")
+    p.add_argument(
+        "--adjoint-rtol",
+        type=float,
+        default=1e-3,
+        help="relative tolerance of the iterative adjoint linear solvers",
+    )
     p.add_argument("--max-steps", type=int, default=50)
-    p.add_argument("--w1-norm", type=float, default=0.9,
-                   help="spectral norm W1 is rescaled to; 0 keeps the default U(+-1/sqrt(n)) init")
+    p.add_argument(
+        "--w1-norm",
+        type=float,
+        default=0.9,
+        help="spectral norm W1 is rescaled to; 0 keeps the default U(+-1/sqrt(n)) init",
+    )
     p.add_argument("--data", choices=("random", "digits"), default="random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--solvers", default=",".join(SOLVER_NAMES))
     p.add_argument("--adjoints", default=",".join(ADJOINT_NAMES))
-    p.add_argument("--carry", action="store_true",
-                   help="carry the Adam updates from step to step (default: every timed step "
-                        "starts from the initial weights, so all pairs solve the same problem; "
-                        "carried, Adam at lr 1e-3 pushes ||W1|| from 0.90 to ~1.0 in 20 steps)")
+    p.add_argument(
+        "--carry",
+        action="store_true",
+        help="carry the Adam updates from step to step (default: every timed step "
+        "starts from the initial weights, so all pairs solve the same problem; "
+        "carried, Adam at lr 1e-3 pushes ||W1|| from 0.90 to ~1.0 in 20 steps)",
+    )
     p.add_argument("--out", default="results/bench_solvers.json")
     return p.parse_args(argv)
 
@@ -62,7 +73,7 @@ def parse_args(argv=None):
 def make_solver(name, args):
     import imex_deq as deq
 
-    common = dict(rtol=args.rtol, termination="rel")
+    common = {"rtol": args.rtol, "termination": "rel"}
     return {
         "FixedPointIteration": deq.FixedPointIteration,
         "Anderson": deq.Anderson,
@@ -75,7 +86,7 @@ def make_solver(name, args):
 def make_adjoint(name, args):
     import imex_deq as deq
 
-    linear = dict(rtol=args.adjoint_rtol, termination="rel")
+    linear = {"rtol": args.adjoint_rtol, "termination": "rel"}
     return {
         "Implicit(GMRES)": lambda: deq.ImplicitAdjoint(),
         "Implicit(Anderson)": lambda: deq.ImplicitAdjoint(linear_solver=deq.Anderson(**linear)),
@@ -123,26 +134,28 @@ def bench_pair(solver_name, adjoint_name, args, weights, x, y):
         conv.append(float(np.asarray(stats["converged"]).mean()))
     step_s = statistics.median(times)
     # Compile time = first call minus one ordinary step (the first call also runs once).
-    return dict(
-        solver=solver_name,
-        adjoint=adjoint_name,
-        first_call_s=first,
-        compile_s=max(first - step_s, 0.0),
-        step_ms_median=1e3 * step_s,
-        step_ms_min=1e3 * min(times),
-        step_ms_max=1e3 * max(times),
-        fwd_nfe_mean=statistics.fmean(fwd),
-        fwd_nfe_batch_max=max(fwd_max),
-        bwd_nfe_mean=statistics.fmean(bwd),
-        converged=statistics.fmean(conv),
-        final_loss=float(stats["loss"]),
-    )
+    return {
+        "solver": solver_name,
+        "adjoint": adjoint_name,
+        "first_call_s": first,
+        "compile_s": max(first - step_s, 0.0),
+        "step_ms_median": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times),
+        "fwd_nfe_mean": statistics.fmean(fwd),
+        "fwd_nfe_batch_max": max(fwd_max),
+        "bwd_nfe_mean": statistics.fmean(bwd),
+        "converged": statistics.fmean(conv),
+        "final_loss": float(stats["loss"]),
+    }
 
 
 def table(rows) -> str:
     lines = [
-        "| solver | adjoint | compile (s) | step median (ms) | fwd NFE/sample (batch max) "
-        "| bwd NFE/sample | converged |",
+        (
+            "| solver | adjoint | compile (s) | step median (ms) | fwd NFE/sample (batch max) "
+            "| bwd NFE/sample | converged |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -184,8 +197,8 @@ def main(argv=None):
             bc.log(f"[{time.perf_counter() - total:6.1f}s] {s} x {a} ...")
             try:
                 r = bench_pair(s, a, args, weights, x, y)
-            except Exception as exc:  # report, keep going
-                r = dict(solver=s, adjoint=a, error=f"{type(exc).__name__}: {exc}"[:200])
+            except Exception as exc:  # noqa: BLE001 - report the failure, keep going
+                r = {"solver": s, "adjoint": a, "error": f"{type(exc).__name__}: {exc}"[:200]}
                 bc.log(f"    FAILED: {r['error']}")
             else:
                 bc.log(
@@ -209,13 +222,13 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(
-            dict(
-                machine=machine,
-                jax_version=jax.__version__,
-                config=dict(vars(args), w1_spectral_norm=w1_norm, data=data),
-                rows=rows,
-                total_s=time.perf_counter() - total,
-            ),
+            {
+                "machine": machine,
+                "jax_version": jax.__version__,
+                "config": dict(vars(args), w1_spectral_norm=w1_norm, data=data),
+                "rows": rows,
+                "total_s": time.perf_counter() - total,
+            },
             fh,
             indent=2,
         )

@@ -126,9 +126,7 @@ class CountedFn:
 # ------------------------------------------------------------------------ problems
 
 
-def affine_system(
-    n: int = N, *, norm: float = 0.6, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def affine_system(n: int = N, *, norm: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(A, b) in float64 NumPy with spectral norm ‖A‖₂ = `norm`, so z ↦ A z + b contracts."""
     rng = np.random.default_rng(seed)
     m = rng.standard_normal((n, n))

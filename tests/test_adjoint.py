@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
-    N,
     SOLVER_NAMES,
+    N,
     affine_fn,
     affine_system,
     central_difference_grad,
@@ -23,7 +23,7 @@ from helpers import (
 import imex_deq
 from imex_deq import RESULTS
 
-TIGHT = dict(rtol=1e-12, atol=1e-12)
+TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 PROBLEMS = ["affine", "module"]
 
 
@@ -72,9 +72,7 @@ def gradients(problem, params, x, solver, adjoint):
         sol = _solve(problem, params, x, solver, adjoint, counter)
         return _loss_of(sol.value), sol
 
-    (grad, backward_nfe), sol = jax.grad(loss, argnums=(0, 1), has_aux=True)(
-        params, jnp.zeros(())
-    )
+    (grad, backward_nfe), sol = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, jnp.zeros(()))
     return grad, backward_nfe, sol
 
 

@@ -17,13 +17,13 @@ from imex_deq.experiments import (
     CheckpointError,
     TrainConfig,
     Trainer,
+    _checkpoint,
     build_dense_model,
     load_checkpoint,
     make_solver,
     save_checkpoint,
     train,
 )
-from imex_deq.experiments import _checkpoint
 from imex_deq.experiments._training import CHECKPOINT, LOG, _initial_state
 
 
@@ -232,4 +232,3 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     reference_steps = [r for r in _log(tmp_path / "straight") if "type" not in r]
     for a, b in zip(reference_steps, (r for r in records if "type" not in r)):
         assert a["loss"] == b["loss"] and a["nfe"] == b["nfe"], a["step"]
-

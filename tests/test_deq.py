@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
-    N,
     CountedFn,
+    N,
     relative_error,
     tiny_cell,
     tiny_predictor,
@@ -55,7 +55,7 @@ def batch_grad(model, xs):
 
 
 def test_continuous_and_discrete_deq_agree(cell, xs):
-    tol = dict(rtol=1e-5, atol=1e-6)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
     discrete = imex_deq.DEQ(cell, imex_deq.Anderson(**tol, history=3), max_steps=100)
     continuous = imex_deq.DEQ(cell, imex_deq.SteadyStateODE(**tol), max_steps=200)
     grad_d, info_d = batch_grad(discrete, xs)
@@ -95,9 +95,7 @@ def test_skip_reg_deq(cell, xs):
 
 
 def test_skip_deq(cell, predictor, xs):
-    deq = imex_deq.SkipDEQ(
-        cell, predictor, imex_deq.FixedPointIteration(rtol=1e-5), max_steps=100
-    )
+    deq = imex_deq.SkipDEQ(cell, predictor, imex_deq.FixedPointIteration(rtol=1e-5), max_steps=100)
 
     @eqx.filter_jit
     def skip_grad(model):
@@ -133,9 +131,9 @@ def test_jacobian_regularisation_expectation_on_linear_f():
     z = jnp.ones(N)
     x = jnp.zeros(N)
     keys = jax.random.split(jax.random.key(4), 20_000)
-    estimates = jax.jit(
-        jax.vmap(lambda key: imex_deq.jacobian_regularisation(f, z, x, key=key))
-    )(keys)
+    estimates = jax.jit(jax.vmap(lambda key: imex_deq.jacobian_regularisation(f, z, x, key=key)))(
+        keys
+    )
     exact = float(jnp.sum(weight**2)) / N  # ‖J‖_F² / d with J = W
     # Relative standard error of the mean is about sqrt(2/d)/sqrt(20000) < 1%.
     assert abs(float(jnp.mean(estimates)) - exact) < 0.05 * exact
@@ -199,9 +197,7 @@ def test_jitted_training_step(cell, predictor, xs):
     solver = imex_deq.Anderson(rtol=1e-4, history=2)
     model = imex_deq.SkipDEQ(cell, predictor, solver, max_steps=50)
     targets = jnp.full((BATCH, N), 0.3, jnp.float32)
-    # optax.adam's bias correction mixes int32 and float32, which strict dtype promotion
-    # rejects (an optax matter, not the library's); SGD with momentum is promotion-clean.
-    optimiser = optax.sgd(1e-2, momentum=0.9)
+    optimiser = optax.adam(1e-2)
     opt_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
@@ -211,9 +207,12 @@ def test_jitted_training_step(cell, predictor, xs):
             return jnp.mean((zs - targets) ** 2) + imex_deq.skip_loss(info), info
 
         (value, info), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
-        updates, opt_state = optimiser.update(
-            grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
-        )
+        # optax.adam's bias correction mixes int32 step counts with floats, which strict
+        # promotion rejects (optax's matter; imex_deq's Trainer does the same).
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimiser.update(
+                grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
+            )
         return eqx.apply_updates(model, updates), opt_state, value, info
 
     new_model, opt_state, value, info = step(model, opt_state, xs, targets)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import N, SOLVER_NAMES, affine_fn, affine_system, make_solver, tiny_cell
+from helpers import SOLVER_NAMES, N, affine_fn, affine_system, make_solver, tiny_cell
 
 import imex_deq
 from imex_deq import RESULTS
@@ -48,9 +48,7 @@ def test_misspelt_option_raises_type_error(construct, cell):
 
 def test_misspelt_fixed_point_option_raises_type_error():
     with pytest.raises(TypeError, match="max_step"):
-        imex_deq.fixed_point(
-            affine_fn, imex_deq.Anderson(), jnp.zeros(N), None, max_step=3
-        )
+        imex_deq.fixed_point(affine_fn, imex_deq.Anderson(), jnp.zeros(N), None, max_step=3)
 
 
 @pytest.mark.parametrize(
@@ -87,9 +85,7 @@ def test_invalid_call_options(cell):
     with pytest.raises(TypeError, match="solver"):
         imex_deq.fixed_point(affine_fn, "anderson", jnp.zeros(N), None)
     with pytest.raises(TypeError, match="adjoint"):
-        imex_deq.fixed_point(
-            affine_fn, imex_deq.Anderson(), jnp.zeros(N), None, adjoint="implicit"
-        )
+        imex_deq.fixed_point(affine_fn, imex_deq.Anderson(), jnp.zeros(N), None, adjoint="implicit")
     with pytest.raises(TypeError, match="linear_solver"):
         imex_deq.ImplicitAdjoint(linear_solver=imex_deq.SteadyStateODE())
 
@@ -146,9 +142,7 @@ def test_throw_eager_raises_convergence_error(hard_args):
     quiet = imex_deq.fixed_point(affine_fn, solver, jnp.zeros(N), hard_args, max_steps=3)
     assert quiet.result == RESULTS.nonlinear_max_steps_reached
     with pytest.raises(imex_deq.ConvergenceError) as error:
-        imex_deq.fixed_point(
-            affine_fn, solver, jnp.zeros(N), hard_args, max_steps=3, throw=True
-        )
+        imex_deq.fixed_point(affine_fn, solver, jnp.zeros(N), hard_args, max_steps=3, throw=True)
     message = str(error.value)
     assert "Anderson(" in message
     assert "after 3 steps" in message and "max_steps=3" in message
@@ -158,7 +152,11 @@ def test_throw_eager_raises_convergence_error(hard_args):
 
 def test_throw_eager_success_returns_solution(hard_args):
     sol = imex_deq.fixed_point(
-        affine_fn, imex_deq.Anderson(rtol=1e-5), jnp.zeros(N), hard_args, max_steps=200,
+        affine_fn,
+        imex_deq.Anderson(rtol=1e-5),
+        jnp.zeros(N),
+        hard_args,
+        max_steps=200,
         throw=True,
     )
     assert sol.result == RESULTS.successful
@@ -168,7 +166,11 @@ def test_throw_inside_jit_raises_equinox_error(hard_args, cell):
     @eqx.filter_jit
     def solve(args):
         return imex_deq.fixed_point(
-            affine_fn, imex_deq.Broyden(rtol=1e-5), jnp.zeros(N), args, max_steps=3,
+            affine_fn,
+            imex_deq.Broyden(rtol=1e-5),
+            jnp.zeros(N),
+            args,
+            max_steps=3,
             throw=True,
         ).value
 

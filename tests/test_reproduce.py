@@ -94,14 +94,14 @@ def test_unknown_experiment(tmp_path):
 
 
 def _run(accuracy, nfe, train_s, backward_s, predict_s=0.01):
-    return dict(
-        test_accuracy=accuracy,
-        test_nfe=nfe,
-        train_time_s=train_s,
-        backward_s=backward_s,
-        predict_s=predict_s,
-        history=[],
-    )
+    return {
+        "test_accuracy": accuracy,
+        "test_nfe": nfe,
+        "train_time_s": train_s,
+        "backward_s": backward_s,
+        "predict_s": predict_s,
+        "history": [],
+    }
 
 
 def _results(vanilla_backward_s):

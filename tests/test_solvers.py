@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from helpers import (
     AFFINE_PROBLEMS,
-    N,
     SOLVER_NAMES,
     CountedFn,
+    N,
     affine_fn,
     affine_system,
     enable_x64,
@@ -34,9 +34,7 @@ CASES = [("float32", p) for p in AFFINE_PROBLEMS] + [
 ]
 
 
-@pytest.mark.parametrize(
-    "dtype_name, problem", CASES, ids=[f"{d}-{p.name}" for d, p in CASES]
-)
+@pytest.mark.parametrize("dtype_name, problem", CASES, ids=[f"{d}-{p.name}" for d, p in CASES])
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_affine_fixed_point(name, dtype_name, problem):
     if dtype_name == "float64":

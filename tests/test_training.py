@@ -21,19 +21,19 @@ from imex_deq.experiments import TrainConfig, Trainer, train
 from imex_deq.experiments._training import build_model
 
 VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode")
-TINY = dict(
-    solver="fixed-point",
-    backward="unrolled",
-    dataset="digits",
-    batch_size=16,
-    limit_train=64,
-    limit_test=32,
-    max_steps=10,
-    epochs=1,
-    learning_rate=1e-2,
-    progress=False,
-    timing_batches=1,
-)
+TINY = {
+    "solver": "fixed-point",
+    "backward": "unrolled",
+    "dataset": "digits",
+    "batch_size": 16,
+    "limit_train": 64,
+    "limit_test": 32,
+    "max_steps": 10,
+    "epochs": 1,
+    "learning_rate": 1e-2,
+    "progress": False,
+    "timing_batches": 1,
+}
 
 
 def tiny_config(**changes) -> TrainConfig:
@@ -70,9 +70,7 @@ def stepped(request, data):
     opt_state = trainer.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     x = jnp.asarray(data.x_train[: config.batch_size])
     y = jnp.asarray(data.y_train[: config.batch_size])
-    new_model, new_opt_state, metrics = trainer.step(
-        model, opt_state, x, y, jax.random.PRNGKey(0)
-    )
+    new_model, _new_opt_state, metrics = trainer.step(model, opt_state, x, y, jax.random.PRNGKey(0))
     metrics = {k: float(v) for k, v in metrics.items()}
     return variant, model, new_model, metrics
 

@@ -376,8 +376,11 @@ This notebook trains the three variants of the paper's MNIST-dense model (embedd
 DEQ on 128 numbers with $f(z, x) = \mathrm{relu}(W_1 z) + \mathrm{relu}(W_2 x)$ → linear
 head) on the 8×8 digits with the continuous solver, using the library's own training
 loop `imex_deq.experiments.train`, and compares learning curves, NFE and wall time.
-The runs are short (4 epochs of 11 batches) so the notebook stays quick; the absolute
-numbers are not the paper's MNIST numbers.
+
+The runs are short (3 epochs of 22 batches) so the notebook stays quick, and the numbers
+are not the paper's MNIST numbers. The paper trains for many epochs with
+$\lambda_\text{skip} = 0.01$; in a run this short that weight barely moves $z_0$, so here
+we use $\lambda_\text{skip} = 1$ to make the effect visible within a minute.
 """),
         code(SETUP),
         code(RESULT_HELPER),
@@ -391,17 +394,20 @@ a checkpoint. Compile time is measured apart from training time.
         code('''\
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
-from imex_deq.experiments import TrainConfig, train
+with warnings.catch_warnings():  # tqdm.auto warns when ipywidgets is not installed
+    warnings.simplefilter("ignore")
+    from imex_deq.experiments import TrainConfig, train
 
 data = load_digits()
 runs = Path(tempfile.mkdtemp(prefix="imex-deq-skip-"))
 NAMES = {"vanilla": "Vanilla DEQ", "skip": "Skip DEQ", "skip-reg": "Skip Reg. DEQ"}
 configs = {
-    variant: TrainConfig(model=variant, solver="continuous", dataset="digits", epochs=4,
-                         batch_size=128, evals_per_epoch=2, timing_batches=3,
-                         progress=False, out_dir=str(runs / variant))
+    variant: TrainConfig(model=variant, solver="continuous", dataset="digits", epochs=3,
+                         batch_size=64, skip_weight=1.0, evals_per_epoch=2,
+                         timing_batches=3, progress=False, out_dir=str(runs / variant))
     for variant in NAMES
 }
 summaries = {}
@@ -437,11 +443,11 @@ for i, (variant, (steps, evals)) in enumerate(logs.items()):
     axes[1].plot([r["step"] for r in steps], [r["nfe"] for r in steps], **style)
     axes[2].plot([r["step"] for r in evals], [100 * r["test_accuracy"] for r in evals],
                  marker="o", **style)
-axes[0].set(title="Training loss", xlabel="training step (batch of 128)",
+axes[0].set(title="Training loss", xlabel="training step (batch of 64)",
             ylabel="cross-entropy (nats)")
 axes[1].set(title="Forward NFE per batch (continuous solver)",
-            xlabel="training step (batch of 128)", ylabel="NFE per sample (evaluations of f)")
-axes[2].set(title="Test accuracy", xlabel="training step (batch of 128)",
+            xlabel="training step (batch of 64)", ylabel="NFE per sample (evaluations of f)")
+axes[2].set(title="Test accuracy", xlabel="training step (batch of 64)",
             ylabel="test accuracy (%)")
 for ax in axes:
     ax.legend()
@@ -456,7 +462,7 @@ timed after compilation. On a shared CPU these numbers are noisy; compare them
 relative to each other, not to the paper's GPU timings.
 """),
         code('''\
-columns = {"train_time_s": "training (s, 44 steps)", "forward_s": "forward (s/batch)",
+columns = {"train_time_s": "training (s)", "forward_s": "forward (s/batch)",
            "backward_s": "backward (s/batch)", "predict_s": "predict (s/batch)"}
 print(f"{'model':14s} {'acc %':>6s} {'test NFE':>8s} " + " ".join(f"{c:>22s}" for c in columns.values()))
 for variant, s in summaries.items():
@@ -465,16 +471,16 @@ for variant, s in summaries.items():
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 positions = np.arange(len(NAMES))
-axes[0].bar(positions, [summaries[v]["train_time_s"] for v in NAMES],
-            color=[f"C{i}" for i in range(len(NAMES))], label="training, compile excluded")
-axes[0].set(title="Training wall time (4 epochs)", ylabel="time (s)", xticks=positions,
+axes[0].bar(positions, [summaries[v]["train_time_s"] for v in NAMES], color="C0",
+            label="training, compile excluded")
+axes[0].set(title="Training wall time (3 epochs)", ylabel="time (s)", xticks=positions,
             xticklabels=list(NAMES.values()))
 axes[0].legend()
 width = 0.25
 for j, key in enumerate(("forward_s", "backward_s", "predict_s")):
     axes[1].bar(positions + (j - 1) * width, [1e3 * summaries[v][key] for v in NAMES], width,
                 label=key.removesuffix("_s"))
-axes[1].set(title="Per-batch cost (batch of 128, median)", ylabel="time (ms per batch)",
+axes[1].set(title="Per-batch cost (batch of 64, median)", ylabel="time (ms per batch)",
             xticks=positions, xticklabels=list(NAMES.values()))
 axes[1].legend()
 fig.tight_layout()
@@ -524,48 +530,48 @@ for variant, model in models.items():
           f"{float(info.nfe.mean()):6.1f}  {result_counts(info.result)}")'''),
         md(r"""
 For a Vanilla DEQ $z_0 = 0$, so the gap is 1 and the head applied to $z_0$ is a constant
-guess. The two Skip variants' explicit guesses are already close to $z^\star$. The picture
-shows three test digits: the 128-number state drawn as an 8×16 image, first the explicit
-prediction $z_0$, then the equilibrium $z^\star$ the solver corrected it to, and the class
-probabilities each would give.
+guess. The two Skip variants' explicit guesses land much closer to $z^\star$. The picture
+shows three test digits: each of the 128 state units as a point (equilibrium value
+$z^\star$ across, explicit guess $z_0$ up; on the dashed line the guess was already
+exact), and the class probabilities the head gives from the guess and from the
+equilibrium.
 """),
         code('''\
 picks = [0, 1, 2]
-fig, axes = plt.subplots(len(picks), 6, figsize=(15, 2.6 * len(picks)),
-                         gridspec_kw={"width_ratios": [0.8, 1.6, 1.6, 1.6, 1.6, 2.2]})
+fig, axes = plt.subplots(len(picks), 4, figsize=(15, 3.3 * len(picks)),
+                         gridspec_kw={"width_ratios": [0.7, 1.3, 1.3, 1.6]})
 for row, i in enumerate(picks):
-    axes[row, 0].imshow(data.x_test[i, :, :, 0], cmap="gray_r")
-    axes[row, 0].set(title=f"input (label {y_test[i]})", xticks=[], yticks=[])
-    axes[row, 0].grid(False)
-    col = 1
-    for variant in ("skip", "skip-reg"):
+    ax = axes[row, 0]
+    ax.imshow(data.x_test[i, :, :, 0], cmap="gray_r")
+    ax.set(title=f"test digit {i} (label {y_test[i]})", xticks=[], yticks=[])
+    ax.grid(False)
+    for col, variant in ((1, "skip"), (2, "skip-reg")):
         _, _, info = outputs[variant]
-        vmax = float(jnp.max(jnp.abs(info.z_star[i])))
-        for which, z in (("z0", info.z0[i]), ("z*", info.z_star[i])):
-            ax = axes[row, col]
-            im = ax.imshow(np.asarray(z).reshape(8, 16), cmap="viridis", vmin=0, vmax=vmax)
-            ax.set(title=f"{NAMES[variant]}: {which}", xticks=[], yticks=[],
-                   xlabel="state unit (8x16 grid)")
-            ax.grid(False)
-            fig.colorbar(im, ax=ax, fraction=0.046, label="activation (a.u.)")
-            col += 1
-    ax = axes[row, 5]
+        z0, zs = np.asarray(info.z0[i]), np.asarray(info.z_star[i])
+        ax = axes[row, col]
+        top = 1.05 * max(z0.max(), zs.max())
+        ax.plot([0, top], [0, top], color="k", lw=1, ls="--", label="z0 = z*")
+        ax.scatter(zs, z0, s=10, alpha=0.7, color=f"C{col}", label="one of 128 state units")
+        ax.set(title=f"{NAMES[variant]}: guess vs equilibrium", xlabel="z* (activation, a.u.)",
+               ylabel="z0 (activation, a.u.)", xlim=(0, top), ylim=(0, top))
+        ax.legend(fontsize=8, loc="upper left")
+    ax = axes[row, 3]
     explicit, implicit, _ = outputs["skip-reg"]
-    ax.bar(np.arange(10) - 0.2, jax.nn.softmax(explicit[i]), 0.4, label="head(z0)")
-    ax.bar(np.arange(10) + 0.2, jax.nn.softmax(implicit[i]), 0.4, label="head(z*)")
-    ax.set(title="Skip Reg. DEQ class probabilities", xlabel="digit class",
+    ax.bar(np.arange(10) - 0.2, jax.nn.softmax(explicit[i]), 0.4, label="from z0 = f(0, x)")
+    ax.bar(np.arange(10) + 0.2, jax.nn.softmax(implicit[i]), 0.4, label="from z*")
+    ax.set(title="Skip Reg. DEQ: head's class probabilities", xlabel="digit class",
            ylabel="probability", xticks=range(10), ylim=(0, 1))
     ax.legend(fontsize=8)
-fig.suptitle("Explicit prediction z0 vs corrected equilibrium z* (ReLU states are >= 0)")
+fig.suptitle("Explicit prediction z0 vs corrected equilibrium z* (points on the dashed line: "
+             "the guess was already right)")
 fig.tight_layout()
 plt.show()'''),
         md(r"""
 Things to notice:
 
-- The Skip variants reach similar accuracy to the vanilla DEQ while their solves start
-  nearer the answer; on this small, briefly trained model the NFE saving is modest. The
-  paper reports larger savings on full MNIST after longer training, where the skip loss
-  has had time to pull $z_0$ onto $z^\star$.
+- The Skip variants reach accuracy similar to the vanilla DEQ while their solves start
+  nearer the answer, so they need fewer function evaluations per solve; the saving grows
+  during training as the skip loss pulls $z_0$ onto $z^\star$.
 - Skip Reg. DEQ gets its guess for free ($f(0, x)$ is one evaluation of $f$, no extra
   parameters); Skip DEQ trains a separate predictor.
 - The equilibrium is what the classifier uses; $z_0$ only decides where the solver starts.
@@ -812,10 +818,664 @@ passes cost as many VJPs as their forward passes took evaluations.
     ]
 
 
+# --------------------------------------------------------------------------------------
+# 04 custom models
+# --------------------------------------------------------------------------------------
+
+
+def custom_models():
+    return [
+        md(r"""
+# 04 · Custom models: your own $f$, PyTree states, adjoints, checkpoints
+
+Everything in imex-deq takes any $f(z, x) \to z$ written in JAX: a function or an
+Equinox module, on any PyTree state. This notebook builds, on the 8×8 digits:
+
+1. a small **convolutional** $f$ on image-shaped states;
+2. a **two-resolution PyTree state** `(z_fine, z_coarse)`;
+3. a comparison of **solvers and adjoints** on it (gradient accuracy and cost);
+4. a classifier with the DEQ **inside a bigger Equinox model**, trained with optax, with
+   **Jacobian regularisation**, **fixed-depth pretraining** (`with_fixed_depth`) and
+   **checkpointing and resuming** (`save_checkpoint` / `load_checkpoint`).
+"""),
+        code(SETUP),
+        code(RESULT_HELPER),
+        code('''\
+data = load_digits()
+# The layers below work on one sample, channels first: (1, 8, 8).
+images_train = jnp.moveaxis(jnp.asarray(data.x_train), -1, 1)
+images_test = jnp.moveaxis(jnp.asarray(data.x_test), -1, 1)
+y_train, y_test = jnp.asarray(data.y_train), jnp.asarray(data.y_test)
+print(images_train.shape, images_test.shape)'''),
+        md(r"""
+## 1. A convolutional $f$
+
+Any Equinox module with `__call__(z, x)` works. Here $z$ has 8 channels on the 8×8 grid and
+the image $x$ is injected through its own convolution. `state_shape` tells the layer the
+state's shape, since it differs from $x$'s.
+
+The convolution acting on $z$ is initialised at half the usual scale, so that $f$ starts
+out as a contraction and the first solves converge (with Equinox's default scale this
+$f$ does not, and training would start from unconverged solves; notebook 05 shows what
+that looks like).
+"""),
+        code('''\
+C = 8
+
+
+def shrink(conv, factor=0.5):
+    """The same convolution with its weights scaled by `factor`."""
+    return eqx.tree_at(lambda c: c.weight, conv, factor * conv.weight)
+
+
+class ConvCell(eqx.Module):
+    conv_z: eqx.nn.Conv2d
+    conv_x: eqx.nn.Conv2d
+
+    def __init__(self, key):
+        kz, kx = jax.random.split(key)
+        self.conv_z = shrink(eqx.nn.Conv2d(C, C, 3, padding=1, use_bias=False, key=kz))
+        self.conv_x = eqx.nn.Conv2d(1, C, 3, padding=1, key=kx)
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.conv_z(z) + self.conv_x(x))
+
+
+@eqx.filter_jit
+def solve_batch(layer, x):
+    return jax.vmap(layer)(x)
+
+
+conv_layer = deq.DEQ(ConvCell(jax.random.PRNGKey(0)), deq.Anderson(rtol=1e-3),
+                     state_shape=jax.ShapeDtypeStruct((C, 8, 8), jnp.float32), max_steps=30)
+z_star, info = solve_batch(conv_layer, images_test[:4])
+print("z* shape", z_star.shape, "| NFE", info.nfe, "| residual", info.residual)'''),
+        md(r"""
+## 2. A PyTree state
+
+The state can be any PyTree of arrays, e.g. a tuple with a fine (8×8) and a coarse (4×4)
+resolution that exchange information, as in multiscale DEQs. $f$ must return the same
+structure, shapes and dtypes (the library checks this when tracing and names the
+mismatch). Solvers work on the flattened state internally; residuals are norms over all
+leaves.
+"""),
+        code('''\
+class TwoScaleCell(eqx.Module):
+    fine: eqx.nn.Conv2d
+    coarse: eqx.nn.Conv2d
+    down: eqx.nn.Conv2d
+    up: eqx.nn.Conv2d
+    inject: eqx.nn.Conv2d
+
+    def __init__(self, key):
+        k = jax.random.split(key, 5)
+        self.fine = shrink(eqx.nn.Conv2d(C, C, 3, padding=1, use_bias=False, key=k[0]))
+        self.coarse = shrink(eqx.nn.Conv2d(C, C, 3, padding=1, use_bias=False, key=k[1]))
+        self.down = shrink(eqx.nn.Conv2d(C, C, 3, stride=2, padding=1, use_bias=False, key=k[2]))
+        self.up = shrink(eqx.nn.Conv2d(C, C, 1, use_bias=False, key=k[3]))
+        self.inject = eqx.nn.Conv2d(C, C, 3, padding=1, key=k[4])
+
+    def __call__(self, z, x):
+        z_fine, z_coarse = z  # (C, 8, 8) and (C, 4, 4)
+        upsampled = jnp.repeat(jnp.repeat(self.up(z_coarse), 2, axis=1), 2, axis=2)
+        new_fine = jnp.tanh(self.fine(z_fine) + upsampled + self.inject(x))
+        new_coarse = jnp.tanh(self.coarse(z_coarse) + self.down(z_fine))
+        return new_fine, new_coarse
+
+
+TWO_SCALE_STATE = (jax.ShapeDtypeStruct((C, 8, 8), jnp.float32),
+                   jax.ShapeDtypeStruct((C, 4, 4), jnp.float32))
+stem = eqx.nn.Conv2d(1, C, 3, padding=1, key=jax.random.PRNGKey(1))  # image -> injection x
+cell = TwoScaleCell(jax.random.PRNGKey(2))
+x_batch = jax.vmap(stem)(images_train[:32])
+labels_batch = y_train[:32]
+
+two_scale = deq.DEQ(cell, deq.Anderson(rtol=1e-3), state_shape=TWO_SCALE_STATE, max_steps=30)
+(z_fine, z_coarse), info = solve_batch(two_scale, x_batch)
+print("fine", z_fine.shape, "coarse", z_coarse.shape,
+      f"| mean NFE {float(info.nfe.mean()):.1f} |", result_counts(info.result))'''),
+        md(r"""
+## 3. Choosing the solver and the adjoint
+
+The **solver** finds $z^\star$ in the forward pass; the **adjoint** decides how gradients
+flow back. Both are plain arguments of the layer:
+
+| adjoint | gradient | backward cost | memory |
+|---|---|---|---|
+| `ImplicitAdjoint()` (default) | exact up to a GMRES tolerance | a few dozen VJPs at $z^\star$ | constant |
+| `ImplicitAdjoint(linear_solver=deq.Anderson(...))` | exact up to its tolerance | iterations × 1 VJP; no LAPACK | constant |
+| `PhantomAdjoint(steps=k, damp=d)` | inexact ("phantom" / Jacobian-free) | $k$ VJPs | constant |
+| `UnrolledAdjoint()` | backprop through every solver step | = forward NFE | grows with steps |
+
+Below, three adjoints differentiate the same loss (a linear read-out of the two-scale
+equilibrium, cross-entropy) with respect to $f$'s parameters, and each gradient is
+compared with a tightly solved implicit gradient. The backward NFE is read from
+`backward_counter`. (`UnrolledAdjoint` is left out: differentiating through every
+Anderson step of this convolutional $f$ takes far longer to compile than the rest of the
+notebook.)
+"""),
+        code('''\
+import lineax as lx
+
+readout = eqx.nn.Linear(C * 8 * 8 + C * 4 * 4, 10, key=jax.random.PRNGKey(3))
+
+
+def loss_and_counter(cell, counter, layer, x, y):
+    layer = eqx.tree_at(lambda l: l.f, layer, cell)
+    z, info = jax.vmap(lambda xi: layer(xi, backward_counter=counter))(x)
+    features = jnp.concatenate([z[0].reshape(len(x), -1), z[1].reshape(len(x), -1)], axis=1)
+    logits = jax.vmap(readout)(features)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@eqx.filter_jit
+def grad_and_backward_nfe(layer, x, y):
+    """d loss / d f's parameters, and the backward NFE per sample."""
+    grads, counter_grad = eqx.filter_grad(lambda args: loss_and_counter(*args, layer, x, y))(
+        (layer.f, jnp.zeros(())))
+    return grads, counter_grad / len(x)
+
+
+def flat(tree):
+    return jnp.concatenate([leaf.ravel() for leaf in jax.tree_util.tree_leaves(
+        eqx.filter(tree, eqx.is_inexact_array))])
+
+
+tight = deq.ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-6, atol=1e-7, restart=20, max_steps=10))
+adjoints = {
+    "Implicit (GMRES, default)": deq.ImplicitAdjoint(),
+    "Implicit (Anderson)": deq.ImplicitAdjoint(linear_solver=deq.Anderson(rtol=1e-3)),
+    "Phantom (5 steps, damp 0.5)": deq.PhantomAdjoint(steps=5, damp=0.5),
+}
+reference_layer = eqx.tree_at(lambda l: l.adjoint, two_scale, tight)
+reference, _ = grad_and_backward_nfe(reference_layer, x_batch, labels_batch)
+reference = flat(reference)
+comparison = {}
+for name, adjoint in adjoints.items():
+    layer = eqx.tree_at(lambda l: l.adjoint, two_scale, adjoint)
+    grads, backward_nfe = grad_and_backward_nfe(layer, x_batch, labels_batch)
+    start = time.perf_counter()
+    jax.block_until_ready(grad_and_backward_nfe(layer, x_batch, labels_batch))
+    g = flat(grads)
+    cosine = float(g @ reference / (jnp.linalg.norm(g) * jnp.linalg.norm(reference)))
+    rel_err = float(jnp.linalg.norm(g - reference) / jnp.linalg.norm(reference))
+    comparison[name] = dict(cosine=cosine, rel_err=rel_err, backward_nfe=float(backward_nfe),
+                            ms=1e3 * (time.perf_counter() - start))
+    print(f"{name:28s} cos(g, g_ref) {cosine:7.4f}  rel. error {rel_err:7.4f}  "
+          f"backward NFE {float(backward_nfe):6.1f}  step {comparison[name]['ms']:6.1f} ms")'''),
+        code('''\
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+names = list(comparison)
+positions = np.arange(len(names))
+short = [n.replace(" (", "\\n(") for n in names]
+axes[0].bar(positions, [comparison[n]["rel_err"] for n in names], color="C3",
+            label="||g - g_ref|| / ||g_ref||")
+axes[0].set(title="Gradient error vs a tightly solved implicit gradient",
+            ylabel="relative error (unitless)", xticks=positions)
+axes[0].set_xticklabels(short, fontsize=8)
+axes[0].legend()
+axes[1].bar(positions, [comparison[n]["backward_nfe"] for n in names], color="C0",
+            label="VJPs of f per sample")
+axes[1].set(title="Backward cost", ylabel="backward NFE (VJPs per sample)", xticks=positions)
+axes[1].set_xticklabels(short, fontsize=8)
+axes[1].legend()
+fig.tight_layout()
+plt.show()'''),
+        md(r"""
+Rules of thumb (see also the FAQ in the docs):
+
+- `ImplicitAdjoint()` is the default and the one to start from.
+- `PhantomAdjoint` is cheapest and often good enough for training, but its gradient is
+  biased; check the loss still goes down.
+- `UnrolledAdjoint` is exact *for the truncated solver*, not for $z^\star$, and its
+  memory grows with the steps; use it for tests and short fixed-depth pretraining.
+- The solver is independent of the adjoint: `Anderson` and `Broyden` are good defaults,
+  `SteadyStateODE` is the continuous DEQ (notebook 03), `NewtonKrylov` for stiff problems,
+  `FixedPointIteration` when $f$ is a strong contraction.
+
+## 4. A DEQ inside a bigger model, trained with optax
+
+A stem convolution, the two-scale DEQ, and a linear head over both resolutions: an
+ordinary Equinox module. The training step adds Jacobian regularisation
+(`layer.jacobian_regularisation`, a one-sample Hutchinson estimate of
+$\lVert\partial f/\partial z\rVert_F^2 / d$ at $z^\star$) to the cross-entropy.
+"""),
+        code('''\
+class DigitsModel(eqx.Module):
+    stem: eqx.nn.Conv2d
+    layer: deq.DEQ
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k_stem, k_cell, k_head = jax.random.split(key, 3)
+        self.stem = eqx.nn.Conv2d(1, C, 3, padding=1, key=k_stem)
+        self.layer = deq.DEQ(TwoScaleCell(k_cell), deq.Anderson(rtol=1e-3),
+                             state_shape=TWO_SCALE_STATE, max_steps=30)
+        self.head = eqx.nn.Linear(C * 8 * 8 + C * 4 * 4, 10, key=k_head)
+
+    def __call__(self, image):
+        x = self.stem(image)
+        (z_fine, z_coarse), info = self.layer(x)
+        logits = self.head(jnp.concatenate([z_fine.ravel(), z_coarse.ravel()]))
+        return logits, info, x
+
+
+JAC_WEIGHT = 0.5
+optimizer = optax.adam(2e-3)
+
+
+def init(key):
+    model = DigitsModel(key)
+    return model, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+@eqx.filter_jit
+def train_step(model, opt_state, images, labels, key, depth=None):
+    def loss_fn(model):
+        if depth is not None:  # pretraining: apply f `depth` times, plain backprop
+            model = deq.with_fixed_depth(model, depth)
+        logits, info, x = jax.vmap(model)(images)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        keys = jax.random.split(key, len(images))
+        jac = jax.vmap(lambda xi, inf, k: model.layer.jacobian_regularisation(xi, inf, key=k))(
+            x, info, keys).mean()
+        return ce + JAC_WEIGHT * jac, (ce, jac, info.nfe.mean())
+
+    (_, (ce, jac, nfe)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+    updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+    return eqx.apply_updates(model, updates), opt_state, dict(ce=ce, jac=jac, nfe=nfe)
+
+
+@eqx.filter_jit
+def evaluate(model, images, labels):
+    logits, info, _ = jax.vmap(model)(images)
+    return jnp.mean(jnp.argmax(logits, -1) == labels), info.nfe.mean(), info.result'''),
+        md(r"""
+### Fixed-depth pretraining, then the real DEQ
+
+`with_fixed_depth(model, k)` returns the same model with every DEQ layer inside switched to
+applying $f$ exactly $k$ times with plain backprop, the cheap warm-up MDEQ uses;
+`with_fixed_depth(model, None)` switches back.
+
+The depth is a *static* field of the layer, so it is part of the model's PyTree structure.
+Switch it **inside** the loss (as `train_step` above does with its `depth` argument): the
+gradient then has the solving model's structure and the optimizer state (Adam's moments,
+built from the solving model) fits both phases. Passing `with_fixed_depth(model, k)` itself
+to `optimizer.update` fails with a "different pytree metadata" error. Each phase compiles
+once.
+"""),
+        code('''\
+def batches(epoch):
+    return iterate_batches(np.asarray(images_train), np.asarray(y_train), 64, seed=0, epoch=epoch)
+
+
+model, opt_state = init(jax.random.PRNGKey(0))
+history, step = [], 0
+PRETRAIN_STEPS, DEPTH = 15, 4
+start = time.perf_counter()
+for epoch in range(2):
+    for xb, yb in batches(epoch):
+        pretraining = step < PRETRAIN_STEPS
+        model, opt_state, metrics = train_step(model, opt_state, xb, yb,
+                                               jax.random.PRNGKey(step),
+                                               DEPTH if pretraining else None)
+        history.append({k: float(v) for k, v in metrics.items()} | {"step": step,
+                                                                     "pretraining": pretraining})
+        step += 1
+accuracy, nfe, result = evaluate(model, images_test, y_test)
+print(f"{step} steps in {time.perf_counter() - start:.1f} s (two compiles included); "
+      f"test accuracy {float(accuracy):.3f}, mean NFE {float(nfe):.1f}, {result_counts(result)}")'''),
+        md(r"""
+### Checkpointing and resuming
+
+`save_checkpoint(path, tree, meta)` writes any PyTree (here `(model, opt_state)`) and a
+JSON-able dict atomically. `load_checkpoint(path, template)` needs a template of the same
+structure; `eqx.filter_eval_shape(init, key)` builds one without allocating. We check that
+*resuming from the checkpoint* gives exactly the same parameters as *not stopping*.
+"""),
+        code('''\
+import tempfile
+from pathlib import Path
+
+from imex_deq.experiments import load_checkpoint, save_checkpoint
+
+path = Path(tempfile.mkdtemp(prefix="imex-deq-ckpt-")) / "digits.eqx"
+save_checkpoint(path, (model, opt_state), {"step": step, "epoch": 2})
+print("saved", path.name, f"({path.stat().st_size / 1024:.0f} KiB)")
+
+
+def more_steps(model, opt_state, first_step, epoch, n):
+    for i, (xb, yb) in enumerate(batches(epoch)):
+        if i == n:
+            break
+        model, opt_state, metrics = train_step(model, opt_state, xb, yb,
+                                               jax.random.PRNGKey(first_step + i))
+    return model, opt_state, metrics
+
+
+# (a) keep going without stopping
+continued, _, _ = more_steps(model, opt_state, step, 2, 10)
+# (b) a fresh process would do this: rebuild the structure, load, resume
+template = eqx.filter_eval_shape(init, jax.random.PRNGKey(0))
+(restored_model, restored_opt), meta = load_checkpoint(path, template)
+resumed, _, metrics = more_steps(restored_model, restored_opt, meta["step"], meta["epoch"], 10)
+difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+    jax.tree_util.tree_leaves(eqx.filter(continued, eqx.is_array)),
+    jax.tree_util.tree_leaves(eqx.filter(resumed, eqx.is_array))))
+print("meta:", meta, "| max |continued - resumed| over all parameters:", difference)'''),
+        code('''\
+steps = np.array([h["step"] for h in history])
+pre = np.array([h["pretraining"] for h in history])
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+for ax, key, ylabel, title in (
+        (axes[0], "ce", "cross-entropy (nats)", "Training loss"),
+        (axes[1], "jac", "||df/dz||_F^2 / d (unitless)", "Jacobian regulariser at z*"),
+        (axes[2], "nfe", "NFE per sample (evaluations of f)", "Forward cost")):
+    values = np.array([h[key] for h in history])
+    ax.plot(steps[pre], values[pre], "o-", ms=3, color="C1",
+            label=f"fixed depth {DEPTH} (pretraining)")
+    ax.plot(steps[~pre], values[~pre], "o-", ms=3, color="C0", label="DEQ, Anderson solve")
+    ax.set(title=title, xlabel="training step (batch of 64)", ylabel=ylabel)
+    ax.legend()
+fig.tight_layout()
+plt.show()'''),
+        md(r"""
+During pretraining the "NFE" is the fixed depth; afterwards it is what Anderson needed to
+reach `rtol = 1e-3`. The Jacobian regulariser keeps $\partial f/\partial z$ small, which
+keeps $f$ well conditioned and the solves short (notebook 05 shows what happens without it).
+"""),
+        code(FOOTER),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# 05 failure modes
+# --------------------------------------------------------------------------------------
+
+
+def failure_modes():
+    return [
+        md(r"""
+# 05 · Failure modes: when the solve does not converge
+
+A DEQ is only as good as its fixed-point solve. This notebook provokes every way a solve
+can fail, shows how imex-deq reports it, and what helps:
+
+1. the four **result codes** and the **residual traces** behind them;
+2. `throw=True`: turning a failed solve into an exception, eagerly and inside `jit`;
+3. a **badly conditioned** $f$ and two remedies: **damping** and **Jacobian
+   regularisation**.
+
+By default (`throw=False`) a failed solve does **not** raise: the layer returns its last
+iterate, and `info.result` says what happened. Check it, or count it during training.
+"""),
+        code(SETUP),
+        code(RESULT_HELPER),
+        code(TRACE_HELPER),
+        md(r"""
+## 1. Result codes
+
+Four small maps on an 8-number state, each solved from $z_0 = 0$ with
+`FixedPointIteration` and `Anderson`, `max_steps=40`, `throw=False`:
+
+| map | what goes wrong |
+|---|---|
+| $\tanh(0.5\,Az + x)$ | nothing: a contraction |
+| $\tanh(-3\,Sz + x)$ | $S$ symmetric positive definite: the Jacobian has eigenvalues down to $-3$, plain iteration oscillates forever |
+| $2z + x$ | the iteration runs away exponentially: **divergence** (residual $> 10^6\times$ the first) |
+| $\sqrt{z - 1} + x$ | the first evaluation is NaN: **nonfinite** |
+"""),
+        code('''\
+N = 8
+key_a, key_s, key_x = jax.random.split(jax.random.PRNGKey(0), 3)
+A = jax.random.normal(key_a, (N, N))
+A = A / jnp.linalg.norm(A, ord=2)                      # spectral norm 1
+Q, _ = jnp.linalg.qr(jax.random.normal(key_s, (N, N)))
+S = Q @ jnp.diag(jnp.linspace(0.2, 1.0, N)) @ Q.T      # eigenvalues 0.2 .. 1
+x = 0.3 * jax.random.normal(key_x, (N,))
+z0 = jnp.zeros(N)
+
+maps = {
+    "contraction": lambda z, x: jnp.tanh(0.5 * A @ z + x),
+    "oscillating": lambda z, x: jnp.tanh(-3.0 * S @ z + x),
+    "expanding": lambda z, x: 2.0 * z + x,
+    "NaN": lambda z, x: jnp.sqrt(z - 1.0) + x,
+}
+solvers = {"FixedPointIteration": deq.FixedPointIteration(), "Anderson": deq.Anderson()}
+
+print(f"{'map':12s} {'solver':20s} {'result':28s} {'steps':>5s} {'residual':>9s}")
+for map_name, fn in maps.items():
+    for solver_name, solver in solvers.items():
+        sol = deq.fixed_point(fn, solver, z0, x, max_steps=40, throw=False)
+        (code,) = result_counts(sol.result)
+        print(f"{map_name:12s} {solver_name:20s} {code:28s} {int(sol.num_steps):5d} "
+              f"{float(sol.residual):9.2e}")'''),
+        md(r"""
+Note that Anderson rescues the oscillating map (it extrapolates from the history instead of
+following $f$ blindly), but nothing rescues a map without a fixed point nearby.
+
+### Residual traces
+
+The residual after every iteration tells the failures apart at a glance. (Traces run the
+solvers' update rule with stopping switched off, as in notebook 01; the NaN map is left
+out since its residual is NaN from the first step.)
+"""),
+        code('''\
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), sharey=True)
+for ax, map_name in zip(axes, ("contraction", "oscillating", "expanding")):
+    for k, (solver_name, solver) in enumerate(solvers.items()):
+        res, nfe = residual_trace(solver, maps[map_name], x, z0, 40)
+        ax.semilogy(nfe, res, marker=".", color=f"C{k}", label=solver_name)
+    ax.axhline(1e-3, color="k", ls="--", lw=1, label="rtol = 1e-3")
+    ax.set(title=f"{map_name} map", xlabel="NFE (evaluations of f)",
+           ylabel="relative residual (unitless)", ylim=(1e-8, 1e3))
+    ax.legend(fontsize=8)
+fig.suptitle("Residual per iteration: converging, stuck, running away")
+fig.tight_layout()
+plt.show()'''),
+        md(r"""
+## 2. `throw=True`
+
+With `throw=True` a failed solve raises. Outside `jit` you get a `deq.ConvergenceError`
+with the solver, its tolerances, the step count and the residual:
+"""),
+        code('''\
+try:
+    deq.fixed_point(maps["oscillating"], deq.FixedPointIteration(), z0, x, max_steps=40,
+                    throw=True)
+except deq.ConvergenceError as error:
+    print(type(error).__name__, "->", error)'''),
+        md(r"""
+Inside `jit` (where every training step runs) a Python exception cannot depend on array
+values, so the check becomes an Equinox runtime error raised when the compiled function
+runs; its message is fixed at compile time and carries the step count and the residual's
+decade. Layers take the same flag: `deq.DEQ(f, solver, throw=True)`. Under `vmap`, one
+failed sample is enough to raise.
+"""),
+        code('''\
+layer = deq.DEQ(maps["oscillating"], deq.FixedPointIteration(), max_steps=40, throw=True)
+batch = jnp.stack([x, -x, 0.5 * x])
+
+
+@eqx.filter_jit
+def solve(layer, batch):
+    return jax.vmap(layer)(batch)
+
+
+try:
+    solve(layer, batch)
+except Exception as error:  # equinox.EquinoxRuntimeError (or XlaRuntimeError on older JAX)
+    message = str(error).strip().splitlines()
+    print(type(error).__name__, "->", next(line for line in message if "failed" in line
+                                          or "converge" in line))'''),
+        md(r"""
+Use `throw=True` while developing a model (fail fast, with the reason); in long training
+runs prefer `throw=False` and log the fraction of converged samples, so one hard batch does
+not kill a run.
+
+## 3. A badly conditioned $f$: damping
+
+The oscillating map's Jacobian at $z \approx 0$ is about $-3S$, with eigenvalues
+$\lambda \in [-3, -0.6]$. Plain iteration multiplies the error by $\lambda$ each step, so
+it diverges along the eigenvectors with $|\lambda| > 1$ (the $\tanh$ keeps it bounded,
+hence the endless oscillation). **Damping** keeps part of the old iterate,
+
+$$z_{k+1} = (1 - d)\,f(z_k) + d\,z_k,$$
+
+which maps each eigenvalue to $(1 - d)\lambda + d$. With $d = 0.6$ the interval
+$[-3, -0.6]$ becomes $[-0.6, 0.36]$: inside the unit circle, so the damped iteration
+converges. Too little damping does not help; too much converges, slowly.
+`FixedPointIteration(damp=d)` and `Anderson(damp=d)` both take it.
+"""),
+        code('''\
+fig, ax = plt.subplots(figsize=(8, 4))
+for k, damp in enumerate((0.0, 0.3, 0.6, 0.9)):
+    res, nfe = residual_trace(deq.FixedPointIteration(damp=damp), maps["oscillating"], x, z0, 60)
+    ax.semilogy(nfe, res, color=f"C{k}", label=f"FixedPointIteration(damp={damp})")
+res, nfe = residual_trace(deq.Anderson(), maps["oscillating"], x, z0, 60)
+ax.semilogy(nfe, res, color="k", ls=":", label="Anderson() for comparison")
+ax.axhline(1e-3, color="gray", ls="--", lw=1, label="rtol = 1e-3")
+ax.set(title="Damping the oscillating map", xlabel="NFE (evaluations of f)",
+       ylabel="relative residual (unitless)", ylim=(1e-8, 1e1))
+ax.legend(fontsize=8, loc="lower left")
+fig.tight_layout()
+plt.show()'''),
+        md(r"""
+## 3. A badly conditioned $f$ in training: Jacobian regularisation
+
+Damping fixes the *solver*; Jacobian regularisation fixes the *model*. It adds
+$\gamma\,\lVert\partial f/\partial z\rVert_F^2 / d$ at $z^\star$ (one Hutchinson sample per
+input, `layer.jacobian_regularisation`) to the loss, pulling $f$ towards a contraction so
+that solves get shorter and more reliable.
+
+Below, the tanh DEQ classifier of notebook 01 starts from a deliberately bad
+initialisation, $\lVert W_z\rVert_2 = 2.5$, and is trained three times, identically except
+for the weight $\gamma \in \{0, 1, 5\}$ (one compiled step; $\gamma$ is an argument).
+"""),
+        code('''\
+WIDTH = 32
+data = load_digits()
+x_train = data.x_train.reshape(data.num_train, -1)
+x_test = jnp.asarray(data.x_test.reshape(data.num_test, -1))
+
+
+class Cell(eqx.Module):
+    w_z: jax.Array
+    w_x: eqx.nn.Linear
+
+    def __init__(self, key, norm):
+        kz, kx = jax.random.split(key)
+        w = jax.random.normal(kz, (WIDTH, WIDTH))
+        self.w_z = norm * w / jnp.linalg.norm(w, ord=2)
+        self.w_x = eqx.nn.Linear(64, WIDTH, key=kx)
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.w_z @ z + self.w_x(x))
+
+
+class Classifier(eqx.Module):
+    layer: deq.DEQ
+    head: eqx.nn.Linear
+
+
+def make_model(norm=2.5):
+    k_cell, k_head = jax.random.split(jax.random.PRNGKey(0))
+    layer = deq.DEQ(Cell(k_cell, norm), deq.Anderson(rtol=1e-3), max_steps=40,
+                    state_shape=jax.ShapeDtypeStruct((WIDTH,), jnp.float32))
+    return Classifier(layer, eqx.nn.Linear(WIDTH, 10, key=k_head))
+
+
+optimizer = optax.adam(3e-3)
+
+
+@eqx.filter_jit
+def train_step(model, opt_state, x, y, key, jac_weight):
+    def loss_fn(model):
+        z, info = jax.vmap(model.layer)(x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model.head)(z), y).mean()
+        keys = jax.random.split(key, len(x))
+        jac = jax.vmap(lambda xi, inf, k: model.layer.jacobian_regularisation(xi, inf, key=k))(
+            x, info, keys).mean()
+        converged = jnp.mean(info.result == deq.RESULTS.successful)
+        return ce + jac_weight * jac, dict(ce=ce, jac=jac, nfe=info.nfe.mean(),
+                                           converged=converged)
+
+    (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+    updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    return eqx.apply_updates(model, updates), opt_state, metrics
+
+
+@eqx.filter_jit
+def test_metrics(model, x, y):
+    z, info = jax.vmap(model.layer)(x)
+    accuracy = jnp.mean(jnp.argmax(jax.vmap(model.head)(z), -1) == y)
+    return accuracy, info.nfe.mean(), jnp.mean(info.result == deq.RESULTS.successful)
+
+
+runs = {}
+for jac_weight in (0.0, 1.0, 5.0):
+    model = make_model()
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    history = []
+    for epoch in range(4):
+        for i, (xb, yb) in enumerate(iterate_batches(x_train, data.y_train, 128, seed=0,
+                                                     epoch=epoch)):
+            model, opt_state, metrics = train_step(model, opt_state, xb, yb,
+                                                   jax.random.PRNGKey(100 * epoch + i),
+                                                   jnp.asarray(jac_weight))
+            history.append({k: float(v) for k, v in metrics.items()})
+    accuracy, nfe, converged = test_metrics(model, x_test, jnp.asarray(data.y_test))
+    runs[jac_weight] = history
+    print(f"gamma = {jac_weight}: test accuracy {float(accuracy):.3f}, test NFE {float(nfe):.1f}, "
+          f"converged {100 * float(converged):.0f}%")'''),
+        code('''\
+fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+panels = (("nfe", "NFE per sample (evaluations of f)", "Forward cost"),
+          ("converged", "converged samples (%)", "Solves that reached rtol"),
+          ("jac", "||df/dz||_F^2 / d (unitless)", "Jacobian at z*"),
+          ("ce", "cross-entropy (nats)", "Training loss"))
+for ax, (key, ylabel, title) in zip(axes, panels):
+    for k, (jac_weight, history) in enumerate(runs.items()):
+        values = np.array([h[key] for h in history]) * (100 if key == "converged" else 1)
+        ax.plot(values, color=f"C{k}", label=f"gamma = {jac_weight}")
+    ax.set(title=title, xlabel="training step (batch of 128)", ylabel=ylabel)
+    ax.legend(fontsize=8)
+fig.suptitle("Training from a badly conditioned f (||W_z|| = 2.5) with Jacobian regularisation")
+fig.tight_layout()
+plt.show()'''),
+        md(r"""
+What to take away:
+
+- Without regularisation, training itself slowly improves conditioning, but the first
+  steps run many unconverged solves (their gradients are gradients of *something else*
+  than the equilibrium).
+- A moderate $\gamma$ cuts the NFE and makes every solve converge from the first epochs,
+  at little or no cost in accuracy.
+- Too large a $\gamma$ drives $\partial f/\partial z$ to zero: $f$ forgets its state, the
+  "equilibrium" is just $f(0, x)$ and the model loses accuracy. Tune $\gamma$ like any
+  other regulariser.
+
+### Checklist when a DEQ does not converge
+
+1. Count `info.result` codes; plot the residual per iteration for a failing input.
+2. Try `Anderson` or `Broyden` instead of `FixedPointIteration`; add `damp` if the
+   residual oscillates.
+3. Raise `max_steps` only if the residual is still falling steadily when it stops.
+4. Check the tolerance is reachable in float32 (relative residuals below about $10^{-6}$
+   are round-off).
+5. Regularise the model: Jacobian regularisation, smaller initial weights on $z$,
+   normalisation inside $f$, or pretraining at fixed depth (`with_fixed_depth`).
+"""),
+        code(FOOTER),
+    ]
+
+
 NOTEBOOK_BUILDERS = {
     "01_quickstart.ipynb": quickstart,
     "02_skip_deq.ipynb": skip_deq,
     "03_continuous_vs_neural_ode.ipynb": continuous_vs_neural_ode,
+    "04_custom_models.ipynb": custom_models,
+    "05_failure_modes.ipynb": failure_modes,
 }
 
 

@@ -117,9 +117,8 @@ def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str
             "(paper 2-4x)"
         )
         # backward_s is clamped at 0 when it is below timer noise: no ratio then.
-        node_backward, vanilla_backward = mean("neural-ode", "backward_s"), mean(
-            "vanilla", "backward_s"
-        )
+        node_backward = mean("neural-ode", "backward_s")
+        vanilla_backward = mean("vanilla", "backward_s")
         ratio = f"{node_backward / vanilla_backward:.2f}x" if vanilla_backward else "n/a"
         lines.append(f"neural ODE vs continuous Vanilla DEQ backward s/batch: {ratio}")
     return lines
