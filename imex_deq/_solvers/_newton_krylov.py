@@ -69,7 +69,7 @@ class NewtonKrylov(AbstractIterativeSolver):
     def solve(self, fn, z0, args, *, max_steps, differentiable):
         if differentiable:
             raise ValueError(
-                "NewtonKrylov cannot be unrolled (UnrolledAdjoint or fixed-depth mode): lineax "
+                "NewtonKrylov cannot be unrolled (UnrolledAdjoint): lineax "
                 "differentiates each GMRES solve by a further solve that must converge exactly. "
                 "Use ImplicitAdjoint or PhantomAdjoint, or unroll FixedPointIteration/Anderson."
             )
