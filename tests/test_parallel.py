@@ -136,6 +136,7 @@ def report():
             capture_output=True,
             text=True,
             timeout=TIMEOUT_S,
+            check=False,
         )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"data-parallel worker did not finish in {TIMEOUT_S} s (deadlock?): {error}")
