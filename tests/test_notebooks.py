@@ -7,13 +7,16 @@ installed packages as the tests. Every notebook trains tiny models on scikit-lea
 digits and takes about a minute or two on a laptop CPU.
 """
 
+import gc
 import json
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import nbformat
 import pytest
+import zmq
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -84,7 +87,8 @@ def kernel_specs(tmp_path_factory):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_without_error(path, tmp_path, kernel_specs):
     nb = nbformat.read(path, as_version=4)
-    manager = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
+    context = zmq.Context()
+    manager = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs, context=context)
     client = NotebookClient(
         nb,
         km=manager,
@@ -93,7 +97,16 @@ def test_notebook_runs_without_error(path, tmp_path, kernel_specs):
         # Run in a scratch folder: anything a notebook writes stays out of the repository.
         resources={"metadata": {"path": str(tmp_path)}},
     )
-    client.execute()  # raises CellExecutionError, naming the cell, on the first error
+    try:
+        client.execute()  # raises CellExecutionError, naming the cell, on the first error
+    finally:
+        # nbclient leaves its kernel client's ZeroMQ sockets to the garbage collector, whose
+        # ResourceWarnings would surface in whichever test runs next (warnings are errors in
+        # this suite). Close them here, where they belong.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            context.destroy(linger=0)
+            gc.collect()
     errors = [
         output
         for cell in nb.cells
