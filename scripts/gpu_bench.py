@@ -225,7 +225,11 @@ def table(rows: list[Row], args) -> str:
         f"entry, freshly initialised weights. Solvers: continuous = SteadyStateODE (Tsit5), "
         f"discrete = {args.discrete_solver}; rtol {args.rtol}, max_steps {args.max_steps}; "
         f"backward = implicit adjoint ({args.backward}); f computed in {args.precision}"
-        + (f", matmul precision {args.matmul_precision}" if args.matmul_precision else "")
+        + (
+            f", matmul precision {args.matmul_precision}"
+            if args.matmul_precision
+            else ", JAX's default matmul precision (may use TF32 on recent NVIDIA GPUs)"
+        )
         + ". Train step = forward solve + loss + backward + Adam; Backward = train step − "
         "forward (with loss); Predict = forward solve + head. NFE = mean evaluations of f per "
         "sample (forward; backward = the adjoint's VJPs). Compile = ahead-of-time compilation "

@@ -10,7 +10,7 @@
 #    batch 128) in the time that is left, printing the table and writing $OUT/gpu_table.md.
 #
 # Environment (all optional): OUT (results folder, default /tmp/imex_gpu_out), PYTHON,
-# TOTAL_S (target wall-clock for everything, default 450), TEST_LIMIT_S (default 180),
+# TOTAL_S (target wall-clock for everything, default 420), TEST_LIMIT_S (default 180),
 # TESTS (pytest targets), BENCH_ARGS (extra gpu_bench.py arguments), SKIP_INSTALL=1.
 set -u
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ OUT=${OUT:-/tmp/imex_gpu_out}
 export OUT
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-TOTAL_S=${TOTAL_S:-450}
+TOTAL_S=${TOTAL_S:-420}
 TEST_LIMIT_S=${TEST_LIMIT_S:-180}
 TESTS=${TESTS:-tests/test_solvers.py tests/test_adjoint.py tests/test_precision.py}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -55,13 +55,13 @@ else
     stamp "tests: exit status $TEST_RC"
 fi
 
-# The benchmark gets the rest of TOTAL_S (at least 120 s); a hard limit 60 s above its budget.
+# The benchmark gets the rest of TOTAL_S (at least 120 s); a hard limit 30 s above its budget.
 unset XLA_PYTHON_CLIENT_PREALLOCATE
 BUDGET=$((TOTAL_S - ($(date +%s) - T0) - 20))
 if [ "$BUDGET" -lt 120 ]; then BUDGET=120; fi
 stamp "benchmark: budget ${BUDGET}s"
 # shellcheck disable=SC2086
-timeout -k 10 $((BUDGET + 60)) $PY scripts/gpu_bench.py --budget-s "$BUDGET" $BENCH_ARGS \
+timeout -k 10 $((BUDGET + 30)) $PY scripts/gpu_bench.py --budget-s "$BUDGET" $BENCH_ARGS \
     2>&1 | tee "$OUT/gpu_bench.txt"
 BENCH_RC=${PIPESTATUS[0]}
 stamp "benchmark: exit status $BENCH_RC"

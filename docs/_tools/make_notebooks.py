@@ -219,16 +219,16 @@ plt.show()'''),
 
 - `z_star`: the equilibrium $z^\star$;
 - `nfe`: how many times $f$ was evaluated;
-- `steps`: solver iterations (for Anderson, one $f$ per step; the final $f$ counts too);
+- `steps`: solver iterations (Anderson evaluates $f$ once per step, so here `nfe == steps`);
 - `residual`: $\lVert f(z) - z\rVert / \lVert f(z)\rVert$ at the last iterate
   (`termination="rel"`, the default);
 - `result`: a `deq.RESULTS` code: `successful`, `nonlinear_max_steps_reached`,
   `nonlinear_divergence` or `nonfinite`.
 
 We can check the fixed point by hand: apply $f$ once more and measure how far it moves.
-The reported residual belongs to the solver's last iterate $z_k$ and the returned value is
-$z^\star = f(z_k)$, one more application of $f$, so the hand-made number is usually a bit
-smaller than the reported one.
+The reported residual belongs to the solver's last iterate $z_k$, while the returned value
+is $z^\star = f(z_k)$ (already computed in that last step), one contraction step further
+along; so the hand-made number is usually a bit smaller than the reported one.
 """),
         code(RESULT_HELPER),
         code('''\
@@ -1010,14 +1010,16 @@ fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 names = list(comparison)
 positions = np.arange(len(names))
 short = [n.replace(" (", "\\n(") for n in names]
-axes[0].bar(positions, [comparison[n]["rel_err"] for n in names], color="C3",
-            label="||g - g_ref|| / ||g_ref||")
-axes[0].set(title="Gradient error vs a tightly solved implicit gradient",
-            ylabel="relative error (unitless)", xticks=positions)
+errors = [max(comparison[n]["rel_err"], 1e-7) for n in names]  # log scale: floor at 1e-7
+bars = axes[0].bar(positions, errors, color="C3", label="||g - g_ref|| / ||g_ref||")
+axes[0].bar_label(bars, labels=[f"{e:.1e}" for e in errors], fontsize=8)
+axes[0].set(title="Gradient error vs a tightly solved implicit gradient", yscale="log",
+            ylabel="relative error (unitless, log scale)", ylim=(1e-7, 1), xticks=positions)
 axes[0].set_xticklabels(short, fontsize=8)
 axes[0].legend()
-axes[1].bar(positions, [comparison[n]["backward_nfe"] for n in names], color="C0",
-            label="VJPs of f per sample")
+bars = axes[1].bar(positions, [comparison[n]["backward_nfe"] for n in names], color="C0",
+                   label="VJPs of f per sample")
+axes[1].bar_label(bars, fmt="%.1f", fontsize=8)
 axes[1].set(title="Backward cost", ylabel="backward NFE (VJPs per sample)", xticks=positions)
 axes[1].set_xticklabels(short, fontsize=8)
 axes[1].legend()
@@ -1151,7 +1153,7 @@ def more_steps(model, opt_state, first_step, epoch, n):
         if i == n:
             break
         model, opt_state, metrics = train_step(model, opt_state, xb, yb,
-                                               jax.random.PRNGKey(first_step + i))
+                                               jax.random.PRNGKey(first_step + i), None)
     return model, opt_state, metrics
 
 
