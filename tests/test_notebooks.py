@@ -1,25 +1,26 @@
 """The tutorial notebooks: stored without outputs, in sync with their generator, and each one
 runs top to bottom without an error.
 
-Each notebook is executed by nbclient in a fresh IPython kernel started with this
-interpreter (`sys.executable`, i.e. the project's virtual environment), so it sees the same
-installed packages as the tests. Every notebook trains tiny models on scikit-learn's bundled
-digits and takes about a minute or two on a laptop CPU.
+Each notebook is executed by nbclient in a child process, in a fresh IPython kernel started
+with this interpreter (`sys.executable`, i.e. the project's virtual environment), so it sees
+the same installed packages as the tests and a `python3` kernel registered elsewhere on the
+machine is never picked up. The child process keeps the kernel's ZeroMQ plumbing (and its
+sockets' clean-up warnings) out of the test process. Every notebook trains tiny models on
+scikit-learn's bundled digits and takes about a minute or two on a laptop CPU.
+
+Set IMEX_DEQ_NOTEBOOK_OUTPUTS to a folder to keep the executed notebooks (with outputs and
+figures) there.
 """
 
-import gc
-import json
+import os
 import runpy
+import shutil
+import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import nbformat
 import pytest
-import zmq
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -32,8 +33,44 @@ EXPECTED = (
     "05_failure_modes.ipynb",
 )
 NOTEBOOKS = [NOTEBOOK_DIR / name for name in EXPECTED]
-KERNEL = "imex-deq-tests"
 CELL_TIMEOUT_S = 600
+NOTEBOOK_TIMEOUT_S = 1200
+
+# Runs in the child process: python -c RUNNER NOTEBOOK WORKDIR EXECUTED_COPY
+RUNNER = r"""
+import json, sys, time
+from pathlib import Path
+
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+notebook, workdir, executed, cell_timeout = sys.argv[1:5]
+workdir = Path(workdir)
+spec = workdir / "kernels" / "imex-deq-tests"
+spec.mkdir(parents=True)
+(spec / "kernel.json").write_text(json.dumps({
+    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    "display_name": "imex-deq tests",
+    "language": "python",
+}))
+specs = KernelSpecManager(kernel_dirs=[str(spec.parent)], ensure_native_kernel=False)
+nb = nbformat.read(notebook, as_version=4)
+client = NotebookClient(
+    nb,
+    km=KernelManager(kernel_name="imex-deq-tests", kernel_spec_manager=specs),
+    timeout=int(cell_timeout),
+    allow_errors=False,
+    resources={"metadata": {"path": str(workdir)}},  # files a notebook writes stay here
+)
+start = time.perf_counter()
+try:
+    client.execute()  # raises CellExecutionError, naming the cell, on the first error
+finally:
+    nbformat.write(nb, executed)
+print(f"executed {Path(notebook).name} in {time.perf_counter() - start:.1f} s")
+"""
 
 
 def test_all_tutorial_notebooks_exist():
@@ -65,57 +102,28 @@ def test_notebooks_match_their_generator():
         )
 
 
-@pytest.fixture(scope="module")
-def kernel_specs(tmp_path_factory):
-    """A kernelspec that starts this very interpreter, so a `python3` kernel registered
-    elsewhere on the machine (another Python, another environment) is never picked up."""
-    folder = tmp_path_factory.mktemp("kernels")
-    spec = folder / KERNEL
-    spec.mkdir()
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "imex-deq tests",
-                "language": "python",
-            }
-        )
-    )
-    return KernelSpecManager(kernel_dirs=[str(folder)], ensure_native_kernel=False)
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_without_error(path, tmp_path, kernel_specs):
-    nb = nbformat.read(path, as_version=4)
-    context = zmq.Context()
-    manager = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs, context=context)
-    client = NotebookClient(
-        nb,
-        km=manager,
-        timeout=CELL_TIMEOUT_S,
-        allow_errors=False,
-        # Run in a scratch folder: anything a notebook writes stays out of the repository.
-        resources={"metadata": {"path": str(tmp_path)}},
+def test_notebook_runs_without_error(path, tmp_path):
+    executed = tmp_path / path.name
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(path), str(tmp_path), str(executed),
+         str(CELL_TIMEOUT_S)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=NOTEBOOK_TIMEOUT_S,
     )
-    try:
-        client.execute()  # raises CellExecutionError, naming the cell, on the first error
-    finally:
-        # nbclient leaves its kernel client's ZeroMQ sockets to the garbage collector, whose
-        # ResourceWarnings would surface in whichever test runs next (warnings are errors in
-        # this suite). Close them here, where they belong.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            context.destroy(linger=0)
-            gc.collect()
-    errors = [
-        output
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-        if output.output_type == "error"
-    ]
+    keep = os.environ.get("IMEX_DEQ_NOTEBOOK_OUTPUTS")
+    if keep and executed.exists():
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(executed, Path(keep) / path.name)
+    assert result.returncode == 0, (
+        f"{path.name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    )
+    nb = nbformat.read(executed, as_version=4)
+    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code_cells), "a cell did not run"
+    errors = [o for cell in code_cells for o in cell.outputs if o.output_type == "error"]
     assert not errors
-    last = nb.cells[-1]
-    assert last.cell_type == "code" and "notebook run time" in "".join(
-        output.get("text", "") for output in last.outputs
-    ), f"{path.name} did not reach its last cell"
+    last_output = "".join(o.get("text", "") for o in code_cells[-1].outputs)
+    assert "notebook run time" in last_output, f"{path.name} did not reach its last cell"
