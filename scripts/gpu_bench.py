@@ -303,8 +303,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--budget-s",
         type=float,
-        default=360.0,
-        help="wall-clock budget of the whole run (from start-up): compilation "
+        default=None,
+        help="wall-clock budget of the whole run (from start-up; default 360, 1200 with "
+        "--tiny, whose CPU compilation is slow): compilation "
         "stops starting new models at 60%% of it, and a model whose estimated "
         "timing cost would overrun it is skipped",
     )
@@ -316,6 +317,8 @@ def parse_args(argv=None):
         args.max_steps = min(args.max_steps, 10)
         if args.variants is None:
             args.variants = TINY_VARIANTS
+    if args.budget_s is None:
+        args.budget_s = 1200.0 if args.tiny else 360.0
     if args.variants in (None, "all"):
         args.variants = ",".join(str(i) for i in range(len(VARIANTS)))
     return args

@@ -102,13 +102,40 @@ def test_notebooks_match_their_generator():
         )
 
 
+def notebook_environment() -> dict[str, str]:
+    """The environment a reader's kernel would have. tests/conftest.py turns XLA's CPU
+    optimisation off (`--xla_backend_optimization_level=0`) to compile the suite's many tiny
+    programs faster; the notebooks run real training loops, which that flag makes several
+    times slower, so their kernels do not inherit it."""
+    env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_backend_optimization_level")
+    ]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_without_error(path, tmp_path):
     executed = tmp_path / path.name
     result = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(path), str(tmp_path), str(executed),
-         str(CELL_TIMEOUT_S)],
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            str(path),
+            str(tmp_path),
+            str(executed),
+            str(CELL_TIMEOUT_S),
+        ],
+        check=False,
         cwd=tmp_path,
+        env=notebook_environment(),
         capture_output=True,
         text=True,
         timeout=NOTEBOOK_TIMEOUT_S,

@@ -19,7 +19,7 @@ NOTEBOOKS = ROOT / "notebooks"
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
 # Shared first code cell: imports, plotting defaults and the wall-clock start.
-SETUP = '''\
+SETUP = """\
 import time
 import warnings
 
@@ -37,7 +37,7 @@ import imex_deq as deq
 from imex_deq.data import iterate_batches, load_digits
 
 plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3})
-print("JAX", jax.__version__, "on", jax.devices()[0].platform)'''
+print("JAX", jax.__version__, "on", jax.devices()[0].platform)"""
 
 RESULT_HELPER = '''\
 RESULT_NAMES = ("successful", "nonlinear_max_steps_reached", "nonlinear_divergence", "nonfinite")
@@ -71,8 +71,8 @@ def residual_trace(solver, f, x, z0, steps):
     res, nfe = run(x, z0)
     return np.asarray(res), np.asarray(nfe)'''
 
-FOOTER = '''\
-print(f"notebook run time: {time.perf_counter() - NOTEBOOK_START:.1f} s")'''
+FOOTER = """\
+print(f"notebook run time: {time.perf_counter() - NOTEBOOK_START:.1f} s")"""
 
 
 def md(text: str):
@@ -114,12 +114,12 @@ drives the residual down.
 `load_digits` returns standardised images shaped `(N, 8, 8, 1)`. A dense model just
 flattens them to 64 numbers.
 """),
-        code('''\
+        code("""\
 data = load_digits()
 x_train = data.x_train.reshape(data.num_train, -1)
 x_test = data.x_test.reshape(data.num_test, -1)
 print(data)
-print("train", x_train.shape, "test", x_test.shape)'''),
+print("train", x_train.shape, "test", x_test.shape)"""),
         md(r"""
 ## The model: ten lines
 
@@ -128,7 +128,7 @@ layer that takes **one** sample and returns `(z_star, info)`; batch with `jax.vm
 Because the state (32) is not shaped like the input (64), `state_shape` tells the layer
 what $z$ looks like.
 """),
-        code('''\
+        code("""\
 WIDTH = 32
 
 
@@ -157,7 +157,7 @@ class Classifier(eqx.Module):  # x -> DEQ -> linear head
 k_cell, k_head = jax.random.split(jax.random.PRNGKey(0))
 state = jax.ShapeDtypeStruct((WIDTH,), jnp.float32)
 model = Classifier(deq.DEQ(Cell(k_cell), deq.Anderson(rtol=1e-3), state_shape=state),
-                   eqx.nn.Linear(WIDTH, 10, key=k_head))'''),
+                   eqx.nn.Linear(WIDTH, 10, key=k_head))"""),
         md(r"""
 ## Training
 
@@ -165,7 +165,7 @@ An ordinary Equinox + optax loop. The solve happens inside `jax.vmap(model)`; th
 pass uses the default `ImplicitAdjoint` (a GMRES solve with $(I - \partial f/\partial z)^\top$
 at $z^\star$).
 """),
-        code('''\
+        code("""\
 optimizer = optax.adam(3e-3)
 opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
 
@@ -199,8 +199,8 @@ print(f"{len(losses)} steps in {time.perf_counter() - start:.1f} s (first step c
 
 labels, info = predict(model, x_test)
 print(f"test accuracy {np.mean(np.asarray(labels) == data.y_test):.3f}, "
-      f"mean NFE {float(info.nfe.mean()):.1f}")'''),
-        code('''\
+      f"mean NFE {float(info.nfe.mean()):.1f}")"""),
+        code("""\
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
 ax1.plot(losses, label="training batch")
 ax1.set(title="Training loss", xlabel="training step (batch of 128)",
@@ -211,7 +211,7 @@ ax2.set(title="Forward NFE per sample (Anderson, rtol 1e-3)",
         xlabel="training step (batch of 128)", ylabel="NFE (evaluations of f)")
 ax2.legend()
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 ## What did the solve return?
 
@@ -231,7 +231,7 @@ is $z^\star = f(z_k)$ (already computed in that last step), one contraction step
 along; so the hand-made number is usually a bit smaller than the reported one.
 """),
         code(RESULT_HELPER),
-        code('''\
+        code("""\
 f = model.layer.f
 x0 = jnp.asarray(x_test[0])
 z_star, one = model.layer(x0)
@@ -240,7 +240,7 @@ manual = float(jnp.linalg.norm(fz - z_star) / jnp.linalg.norm(fz))
 print(f"NFE {int(one.nfe)}, steps {int(one.steps)}, reported residual {float(one.residual):.2e}")
 print(f"||f(z*) - z*|| / ||f(z*)|| recomputed by hand: {manual:.2e}  (tolerance rtol = 1e-3)")
 print("converged:", bool(one.result == deq.RESULTS.successful))
-print("result codes over the test set:", result_counts(info.result))'''),
+print("result codes over the test set:", result_counts(info.result))"""),
         md(r"""
 ## Residual per iteration, for every solver
 
@@ -257,7 +257,7 @@ outside the unit circle, so plain fixed-point iteration oscillates away from $z^
 the accelerated solvers, which model the Jacobian, still converge.
 """),
         code(TRACE_HELPER),
-        code('''\
+        code("""\
 OMEGA = 2.2
 f_hard = lambda z, x: z + OMEGA * (f(z, x) - z)  # same fixed point, harder to find
 z0 = jnp.zeros(WIDTH)
@@ -269,7 +269,7 @@ discrete = {
 }
 traces = {}
 for label, cell in (("trained f", f), ("over-relaxed f (ω = 2.2)", f_hard)):
-    traces[label] = {name: residual_trace(s, cell, x0, z0, 40) for name, s in discrete.items()}'''),
+    traces[label] = {name: residual_trace(s, cell, x0, z0, 40) for name, s in discrete.items()}"""),
         md(r"""
 `SteadyStateODE` (the continuous DEQ) is not a step-by-step rule; it integrates
 $\mathrm{d}z/\mathrm{d}t = f(z, x) - z$ with an adaptive Tsit5 solver. We record its residual
@@ -279,7 +279,7 @@ at `rtol / 5`), and convert steps to NFE with the count `SteadyStateODE` documen
 (1 first-same-as-last stage + 1 initial steady-state test, then 6 stages + 1 test per step,
 + 1 final $f$). The `fixed_point` calls further down confirm these counts.
 """),
-        code('''\
+        code("""\
 import diffrax as dfx
 
 
@@ -301,8 +301,8 @@ def ode_trace(cell, x, z0, steps, ode_tol=2e-4):
 
 
 for label, cell in (("trained f", f), ("over-relaxed f (ω = 2.2)", f_hard)):
-    traces[label]["SteadyStateODE"] = ode_trace(cell, x0, z0, 40)'''),
-        code('''\
+    traces[label]["SteadyStateODE"] = ode_trace(cell, x0, z0, 40)"""),
+        code("""\
 fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
 for ax, (label, per_solver) in zip(axes, traces.items()):
     for name, (res, nfe) in per_solver.items():
@@ -312,7 +312,7 @@ for ax, (label, per_solver) in zip(axes, traces.items()):
            ylabel="relative residual ||f(z)-z|| / ||f(z)|| (unitless)", xlim=(0, 200))
     ax.legend(fontsize=8)
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 Reading the plot:
 
@@ -333,12 +333,12 @@ Reading the plot:
 `deq.fixed_point(fn, solver, z0, args)` is the functional core under every layer. With
 `throw=False` (the default) a failed solve is reported, not raised:
 """),
-        code('''\
+        code("""\
 print("over-relaxed f, rtol = 1e-3, max_steps = 30")
 for name, solver in {**discrete, "SteadyStateODE": deq.SteadyStateODE()}.items():
     sol = deq.fixed_point(f_hard, solver, z0, x0, max_steps=30, throw=False)
     print(f"  {name:20s} NFE {int(sol.nfe):4d}  steps {int(sol.num_steps):3d}  "
-          f"residual {float(sol.residual):.1e}  {result_counts(sol.result)}")'''),
+          f"residual {float(sol.residual):.1e}  {result_counts(sol.result)}")"""),
         md(r"""
 ## Next
 
@@ -393,7 +393,7 @@ we use $\lambda_\text{skip} = 1$ to make the effect visible within a minute.
 also writes a JSON-lines log (one record per training step, plus evaluation records) and
 a checkpoint. Compile time is measured apart from training time.
 """),
-        code('''\
+        code("""\
 import json
 import tempfile
 from pathlib import Path
@@ -426,7 +426,7 @@ def read_log(variant):
     return steps, evals
 
 
-logs = {variant: read_log(variant) for variant in NAMES}'''),
+logs = {variant: read_log(variant) for variant in NAMES}"""),
         md(r"""
 ## Training curves and NFE per batch
 
@@ -434,7 +434,7 @@ The log's `ce` is the cross-entropy alone (the Skip variants also pay the small 
 loss, so their total loss is not comparable). `nfe` is the mean forward NFE over the
 batch's samples.
 """),
-        code('''\
+        code("""\
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
 for i, (variant, (steps, evals)) in enumerate(logs.items()):
     style = dict(color=f"C{i}", label=NAMES[variant])
@@ -451,18 +451,21 @@ axes[2].set(title="Test accuracy", xlabel="training step (batch of 64)",
 for ax in axes:
     ax.legend()
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 ## Wall time side by side
 
 From each run's summary: total training time (compile excluded) and the per-batch
-medians of the forward pass (solve + loss), the backward pass (adjoint) and prediction,
-timed after compilation. On a shared CPU these numbers are noisy; compare them
-relative to each other, not to the paper's GPU timings.
+medians, timed after compilation, of the forward pass (solve + loss), a whole training
+step (forward, backward through the implicit adjoint, Adam update) and prediction. The
+summary also has a `backward_s`, the step's median minus the forward pass's and the
+update's; with steps this short that difference is within the timing noise (it is clipped
+at zero), so we plot whole steps. On a shared CPU all of these are noisy; compare them
+with each other, not with the paper's timings.
 """),
-        code('''\
+        code("""\
 columns = {"train_time_s": "training (s)", "forward_s": "forward (s/batch)",
-           "backward_s": "backward (s/batch)", "predict_s": "predict (s/batch)"}
+           "step_s": "train step (s/batch)", "predict_s": "predict (s/batch)"}
 print(f"{'model':14s} {'acc %':>6s} {'test NFE':>8s} " + " ".join(f"{c:>22s}" for c in columns.values()))
 for variant, s in summaries.items():
     print(f"{NAMES[variant]:14s} {100 * s['test_accuracy']:6.1f} {s['test_nfe']:8.1f} "
@@ -476,14 +479,16 @@ axes[0].set(title="Training wall time (3 epochs)", ylabel="time (s)", xticks=pos
             xticklabels=list(NAMES.values()))
 axes[0].legend()
 width = 0.25
-for j, key in enumerate(("forward_s", "backward_s", "predict_s")):
+for j, (key, label) in enumerate((("forward_s", "forward (solve + loss)"),
+                                   ("step_s", "training step (+ backward + Adam)"),
+                                   ("predict_s", "prediction"))):
     axes[1].bar(positions + (j - 1) * width, [1e3 * summaries[v][key] for v in NAMES], width,
-                label=key.removesuffix("_s"))
+                label=label)
 axes[1].set(title="Per-batch cost (batch of 64, median)", ylabel="time (ms per batch)",
             xticks=positions, xticklabels=list(NAMES.values()))
 axes[1].legend()
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 ## The explicit prediction $z_0$ vs the corrected equilibrium $z^\star$
 
@@ -535,7 +540,7 @@ $z^\star$ across, explicit guess $z_0$ up; on the dashed line the guess was alre
 exact), and the class probabilities the head gives from the guess and from the
 equilibrium.
 """),
-        code('''\
+        code("""\
 picks = [0, 1, 2]
 fig, axes = plt.subplots(len(picks), 4, figsize=(15, 3.3 * len(picks)),
                          gridspec_kw={"width_ratios": [0.7, 1.3, 1.3, 1.6]})
@@ -564,7 +569,7 @@ for row, i in enumerate(picks):
 fig.suptitle("Explicit prediction z0 vs corrected equilibrium z* (points on the dashed line: "
              "the guess was already right)")
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 Things to notice:
 
@@ -613,7 +618,7 @@ $f(z, x) = \tanh(W_z z + W_x x + b)$ on a 32-number state, with $x$ the 64 pixel
 digit. $W_z$ is rescaled to spectral norm 0.9, so $f$ is a contraction with a unique fixed
 point, approached slowly enough that the trajectory is worth looking at.
 """),
-        code('''\
+        code("""\
 import diffrax as dfx
 
 WIDTH = 32
@@ -637,7 +642,7 @@ class Cell(eqx.Module):
 
 f = Cell(jax.random.PRNGKey(0))
 x0 = x_test[0]
-z0 = jnp.zeros(WIDTH)'''),
+z0 = jnp.zeros(WIDTH)"""),
         md(r"""
 ## The trajectory $z(t)$
 
@@ -645,7 +650,7 @@ We integrate both vector fields with diffrax directly, saving on a grid of times
 (`SaveAt(ts=...)`), and plot a few components of $z(t)$ and the relative residual
 $\lVert f(z) - z\rVert / \lVert f(z)\rVert$ along the way.
 """),
-        code('''\
+        code("""\
 ts = jnp.linspace(0.0, 12.0, 241)
 
 
@@ -668,8 +673,8 @@ sol = deq.fixed_point(f, deq.SteadyStateODE(rtol=1e-3), z0, x0, max_steps=100)
 t_stop = float(ts[np.argmax(np.asarray(residual) <= 1e-3)])
 print(f"SteadyStateODE(rtol=1e-3): NFE {int(sol.nfe)}, {int(sol.num_steps)} ODE steps, "
       f"residual {float(sol.residual):.1e}")
-print(f"on the dense trajectory the residual first drops below 1e-3 at t = {t_stop:.2f}")'''),
-        code('''\
+print(f"on the dense trajectory the residual first drops below 1e-3 at t = {t_stop:.2f}")"""),
+        code("""\
 units = [0, 1, 2, 3, 4]
 fig, axes = plt.subplots(1, 3, figsize=(15, 4))
 for k, u in enumerate(units):
@@ -694,7 +699,7 @@ axes[2].set(title="Neural ODE: dz/dt = f(z, x)", xlabel="time t (ODE time, a.u.)
             ylabel="state component (a.u.)")
 axes[2].legend(fontsize=8)
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 The continuous DEQ's components level off at the fixed point found by `fixed_point`
 (dotted lines): the trajectory *is* a way to find $z^\star$, and where it is stopped does
@@ -717,7 +722,7 @@ Forward NFE comes from `info.nfe`. Backward NFE comes from the gradient of
 vector–Jacobian products the backward pass spent. Times are medians of a few calls after
 compilation.
 """),
-        code('''\
+        code("""\
 import statistics
 
 state = jax.ShapeDtypeStruct((WIDTH,), jnp.float32)
@@ -764,8 +769,8 @@ for name, layer in layers.items():
                        forward_ms=1e3 * t_forward, backward_ms=1e3 * max(t_total - t_forward, 0))
     print(f"{name:34s} forward NFE {costs[name]['forward_nfe']:6.1f}  "
           f"backward NFE {costs[name]['backward_nfe']:6.1f}  "
-          f"forward {costs[name]['forward_ms']:7.1f} ms  backward {costs[name]['backward_ms']:7.1f} ms")'''),
-        code('''\
+          f"forward {costs[name]['forward_ms']:7.1f} ms  backward {costs[name]['backward_ms']:7.1f} ms")"""),
+        code("""\
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
 names = list(costs)
 positions = np.arange(len(names))
@@ -779,7 +784,7 @@ for ax, (suffix, unit, title) in zip(
     ax.set_xticklabels(labels, fontsize=9)
     ax.legend()
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 ## Why the steady-state adjoint is cheaper
 
@@ -839,13 +844,13 @@ Equinox module, on any PyTree state. This notebook builds, on the 8×8 digits:
 """),
         code(SETUP),
         code(RESULT_HELPER),
-        code('''\
+        code("""\
 data = load_digits()
 # The layers below work on one sample, channels first: (1, 8, 8).
 images_train = jnp.moveaxis(jnp.asarray(data.x_train), -1, 1)
 images_test = jnp.moveaxis(jnp.asarray(data.x_test), -1, 1)
 y_train, y_test = jnp.asarray(data.y_train), jnp.asarray(data.y_test)
-print(images_train.shape, images_test.shape)'''),
+print(images_train.shape, images_test.shape)"""),
         md(r"""
 ## 1. A convolutional $f$
 
@@ -898,7 +903,7 @@ structure, shapes and dtypes (the library checks this when tracing and names the
 mismatch). Solvers work on the flattened state internally; residuals are norms over all
 leaves.
 """),
-        code('''\
+        code("""\
 class TwoScaleCell(eqx.Module):
     fine: eqx.nn.Conv2d
     coarse: eqx.nn.Conv2d
@@ -932,7 +937,7 @@ labels_batch = y_train[:32]
 two_scale = deq.DEQ(cell, deq.Anderson(rtol=1e-3), state_shape=TWO_SCALE_STATE, max_steps=30)
 (z_fine, z_coarse), info = solve_batch(two_scale, x_batch)
 print("fine", z_fine.shape, "coarse", z_coarse.shape,
-      f"| mean NFE {float(info.nfe.mean()):.1f} |", result_counts(info.result))'''),
+      f"| mean NFE {float(info.nfe.mean()):.1f} |", result_counts(info.result))"""),
         md(r"""
 ## 3. Choosing the solver and the adjoint
 
@@ -1005,7 +1010,7 @@ for name, adjoint in adjoints.items():
                             ms=1e3 * float(np.median(times)))
     print(f"{name:28s} cos(g, g_ref) {cosine:7.4f}  rel. error {rel_err:7.4f}  "
           f"backward NFE {float(backward_nfe):6.1f}  step {comparison[name]['ms']:6.1f} ms")'''),
-        code('''\
+        code("""\
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 names = list(comparison)
 positions = np.arange(len(names))
@@ -1024,7 +1029,7 @@ axes[1].set(title="Backward cost", ylabel="backward NFE (VJPs per sample)", xtic
 axes[1].set_xticklabels(short, fontsize=8)
 axes[1].legend()
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 Rules of thumb (see also the FAQ in the docs):
 
@@ -1044,7 +1049,7 @@ ordinary Equinox module. The training step adds Jacobian regularisation
 (`layer.jacobian_regularisation`, a one-sample Hutchinson estimate of
 $\lVert\partial f/\partial z\rVert_F^2 / d$ at $z^\star$) to the cross-entropy.
 """),
-        code('''\
+        code("""\
 class DigitsModel(eqx.Module):
     stem: eqx.nn.Conv2d
     layer: deq.DEQ
@@ -1093,7 +1098,7 @@ def train_step(model, opt_state, images, labels, key, depth=None):
 @eqx.filter_jit
 def evaluate(model, images, labels):
     logits, info, _ = jax.vmap(model)(images)
-    return jnp.mean(jnp.argmax(logits, -1) == labels), info.nfe.mean(), info.result'''),
+    return jnp.mean(jnp.argmax(logits, -1) == labels), info.nfe.mean(), info.result"""),
         md(r"""
 ### Fixed-depth pretraining, then the real DEQ
 
@@ -1108,7 +1113,7 @@ built from the solving model) fits both phases. Passing `with_fixed_depth(model,
 to `optimizer.update` fails with a "different pytree metadata" error. Each phase compiles
 once.
 """),
-        code('''\
+        code("""\
 def batches(epoch):
     return iterate_batches(np.asarray(images_train), np.asarray(y_train), 64, seed=0, epoch=epoch)
 
@@ -1128,7 +1133,7 @@ for epoch in range(2):
         step += 1
 accuracy, nfe, result = evaluate(model, images_test, y_test)
 print(f"{step} steps in {time.perf_counter() - start:.1f} s (two compiles included); "
-      f"test accuracy {float(accuracy):.3f}, mean NFE {float(nfe):.1f}, {result_counts(result)}")'''),
+      f"test accuracy {float(accuracy):.3f}, mean NFE {float(nfe):.1f}, {result_counts(result)}")"""),
         md(r"""
 ### Checkpointing and resuming
 
@@ -1137,7 +1142,7 @@ JSON-able dict atomically. `load_checkpoint(path, template)` needs a template of
 structure; `eqx.filter_eval_shape(init, key)` builds one without allocating. We check that
 *resuming from the checkpoint* gives exactly the same parameters as *not stopping*.
 """),
-        code('''\
+        code("""\
 import tempfile
 from pathlib import Path
 
@@ -1166,8 +1171,8 @@ resumed, _, metrics = more_steps(restored_model, restored_opt, meta["step"], met
 difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
     jax.tree_util.tree_leaves(eqx.filter(continued, eqx.is_array)),
     jax.tree_util.tree_leaves(eqx.filter(resumed, eqx.is_array))))
-print("meta:", meta, "| max |continued - resumed| over all parameters:", difference)'''),
-        code('''\
+print("meta:", meta, "| max |continued - resumed| over all parameters:", difference)"""),
+        code("""\
 steps = np.array([h["step"] for h in history])
 pre = np.array([h["pretraining"] for h in history])
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
@@ -1182,7 +1187,7 @@ for ax, key, ylabel, title in (
     ax.set(title=title, xlabel="training step (batch of 64)", ylabel=ylabel)
     ax.legend()
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 During pretraining the "NFE" is the fixed depth; afterwards it is what Anderson needed to
 reach `rtol = 1e-3`. The Jacobian regulariser keeps $\partial f/\partial z$ small, which
@@ -1235,7 +1240,7 @@ happens: for the runaway map both norms grow together and the ratio settles at $
 the solve just runs out of steps. With `termination="abs"` the residual itself grows and
 the divergence is reported after about 20 steps; the last row shows this.
 """),
-        code('''\
+        code("""\
 N = 8
 key_a, key_s, key_x = jax.random.split(jax.random.PRNGKey(0), 3)
 A = jax.random.normal(key_a, (N, N))
@@ -1263,7 +1268,7 @@ for map_name, solver_name, fn, solver in cases:
     sol = deq.fixed_point(fn, solver, z0, x, max_steps=40, throw=False)
     (code,) = result_counts(sol.result)
     print(f"{map_name:12s} {solver_name:50s} {code:28s} {int(sol.num_steps):5d} "
-          f"{float(sol.residual):9.2e}")'''),
+          f"{float(sol.residual):9.2e}")"""),
         md(r"""
 Anderson rescues the oscillating map and even finds the unstable fixed point of the
 runaway map: it extrapolates from its history instead of following $f$ blindly. Nothing
@@ -1275,7 +1280,7 @@ The residual after every iteration tells the failures apart at a glance. (Traces
 solvers' update rule with stopping switched off, as in notebook 01; the NaN map is left
 out since its residual is NaN from the first step.)
 """),
-        code('''\
+        code("""\
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), sharey=True)
 for ax, map_name in zip(axes, ("contraction", "oscillating", "expanding")):
     for k, (solver_name, solver) in enumerate(solvers.items()):
@@ -1287,19 +1292,19 @@ for ax, map_name in zip(axes, ("contraction", "oscillating", "expanding")):
     ax.legend(fontsize=8)
 fig.suptitle("Residual per iteration: converging, stuck, running away")
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 ## 2. `throw=True`
 
 With `throw=True` a failed solve raises. Outside `jit` you get a `deq.ConvergenceError`
 with the solver, its tolerances, the step count and the residual:
 """),
-        code('''\
+        code("""\
 try:
     deq.fixed_point(maps["oscillating"], deq.FixedPointIteration(), z0, x, max_steps=40,
                     throw=True)
 except deq.ConvergenceError as error:
-    print(type(error).__name__, "->", error)'''),
+    print(type(error).__name__, "->", error)"""),
         md(r"""
 Inside `jit` (where every training step runs) a Python exception cannot depend on array
 values, so the check becomes an Equinox runtime error raised when the compiled function
@@ -1307,7 +1312,7 @@ runs; its message is fixed at compile time and carries the step count and the re
 decade. Layers take the same flag: `deq.DEQ(f, solver, throw=True)`. Under `vmap`, one
 failed sample is enough to raise.
 """),
-        code('''\
+        code("""\
 layer = deq.DEQ(maps["oscillating"], deq.FixedPointIteration(), max_steps=40, throw=True)
 batch = jnp.stack([x, -x, 0.5 * x])
 
@@ -1322,7 +1327,7 @@ try:
 except Exception as error:  # equinox.EquinoxRuntimeError, a RuntimeError
     lines = str(error).splitlines()
     print(type(error).__name__, "->",
-          next((line for line in lines if "EquinoxRuntimeError:" in line), lines[0]))'''),
+          next((line for line in lines if "EquinoxRuntimeError:" in line), lines[0]))"""),
         md(r"""
 Use `throw=True` while developing a model (fail fast, with the reason); in long training
 runs prefer `throw=False` and log the fraction of converged samples, so one hard batch does
@@ -1342,7 +1347,7 @@ $[-3, -0.6]$ becomes $[-0.6, 0.36]$: inside the unit circle, so the damped itera
 converges. Too little damping does not help; too much converges, slowly.
 `FixedPointIteration(damp=d)` and `Anderson(damp=d)` both take it.
 """),
-        code('''\
+        code("""\
 fig, ax = plt.subplots(figsize=(8, 4))
 for k, damp in enumerate((0.0, 0.3, 0.6, 0.9)):
     res, nfe = residual_trace(deq.FixedPointIteration(damp=damp), maps["oscillating"], x, z0, 60)
@@ -1354,7 +1359,7 @@ ax.set(title="Damping the oscillating map", xlabel="NFE (evaluations of f)",
        ylabel="relative residual (unitless)", ylim=(1e-8, 1e1))
 ax.legend(fontsize=8, loc="lower left")
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 ## 4. A badly conditioned $f$ in training: Jacobian regularisation
 
@@ -1368,7 +1373,7 @@ initialisation, $\lVert W_z\rVert_2 = 3$, and is trained three times for 4 epoch
 identically except for the weight $\gamma \in \{0, 1, 5\}$ (one compiled step; $\gamma$ is
 an argument).
 """),
-        code('''\
+        code("""\
 WIDTH = 32
 data = load_digits()
 x_train = data.x_train.reshape(data.num_train, -1)
@@ -1443,8 +1448,8 @@ for jac_weight in (0.0, 1.0, 5.0):
     accuracy, nfe, converged = test_metrics(model, x_test, jnp.asarray(data.y_test))
     runs[jac_weight] = history
     print(f"gamma = {jac_weight}: test accuracy {float(accuracy):.3f}, test NFE {float(nfe):.1f}, "
-          f"converged {100 * float(converged):.0f}%")'''),
-        code('''\
+          f"converged {100 * float(converged):.0f}%")"""),
+        code("""\
 fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
 panels = (("nfe", "NFE per sample (evaluations of f)", "Forward cost"),
           ("converged", "converged samples (%)", "Solves that reached rtol"),
@@ -1458,16 +1463,17 @@ for ax, (key, ylabel, title) in zip(axes.ravel(), panels):
     ax.legend(fontsize=8)
 fig.suptitle("Training from a badly conditioned f (||W_z|| = 3) with Jacobian regularisation")
 fig.tight_layout()
-plt.show()'''),
+plt.show()"""),
         md(r"""
 What to take away:
 
 - Without regularisation ($\gamma = 0$) training slowly improves the conditioning by
   itself, but for the first epoch many solves stop unconverged at `max_steps`, and their
   gradients are gradients of something other than the equilibrium.
-- $\gamma = 1$ makes practically every solve converge within two epochs and roughly
-  halves the NFE. In a run this short it costs some accuracy: it is a regulariser, trading
-  fit for a smoother, cheaper $f$.
+- $\gamma = 1$ brings the converged fraction above 90% within the first epoch (without
+  regularisation that takes about three) and lowers the NFE throughout training. In a run
+  this short it costs some accuracy: it is a regulariser, trading fit for a smoother,
+  cheaper $f$.
 - $\gamma = 5$ drives $\partial f/\partial z$ to zero: $f$ forgets its state, the
   "equilibrium" is just $f(0, x)$ squashed through a near-constant map, and accuracy
   collapses. Tune $\gamma$ like any other regulariser.

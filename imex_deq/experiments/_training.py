@@ -59,9 +59,7 @@ def build_model(config: TrainConfig, data: Dataset) -> Classifier:
     model = _build_model(config, data)
     if config.precision == "float32":
         return model
-    return eqx.tree_at(
-        lambda m: m.layer.f, model, with_precision(model.layer.f, config.precision)
-    )
+    return eqx.tree_at(lambda m: m.layer.f, model, with_precision(model.layer.f, config.precision))
 
 
 def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
@@ -353,9 +351,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
                 nfe=f"{metrics['nfe']:.1f}",
             )
             if global_step in eval_points:
-                record = evaluate(
-                    trainer, model, data.x_test, data.y_test, config.batch_size, put
-                )
+                record = evaluate(trainer, model, data.x_test, data.y_test, config.batch_size, put)
                 record.update(
                     step=global_step,
                     train_time_s=meta["train_time_s"],
@@ -368,9 +364,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
                 meta["history"].append(record)
                 log.write({"type": "eval", **record})
             at_epoch_end = global_step % per_epoch == 0
-            if writer is not None and (
-                global_step % config.checkpoint_every == 0 or at_epoch_end
-            ):
+            if writer is not None and (global_step % config.checkpoint_every == 0 or at_epoch_end):
                 meta["global_step"] = global_step
                 save_checkpoint(writer / CHECKPOINT, (model, opt_state), meta)
             if config.stop_after_steps is not None and global_step >= config.stop_after_steps:
