@@ -17,6 +17,7 @@ JAX and PyTorch are imported lazily inside the functions that need them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -694,3 +695,11 @@ def timed(fn: Callable, *args):
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
+
+
+def write_results(path: str, payload: dict, started: float) -> None:
+    """Write a benchmark's JSON results (with its total run time) and say so on stderr."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump({**payload, "total_s": time.perf_counter() - started}, fh, indent=2)
+    log(f"wrote {path} in {time.perf_counter() - started:.0f}s total")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -448,23 +447,19 @@ def main(argv=None):
                 f"shared residual ({r['row']}): peer max {r['peer_residual_max']:.2e}, imex max "
                 f"{r['imex_residual_max']:.2e} (mean {r['imex_residual_mean']:.2e}), tol {args.tol:g}"
             )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(
-            {
-                "machine": machine,
-                "versions": versions,
-                "data": data,
-                "config": vars(args),
-                "parity": {k: dataclasses.asdict(v) for k, v in parity.items()},
-                "skipped": [{"row": n, "why": w} for n, w in skipped],
-                "rows": results,
-                "total_s": time.perf_counter() - total,
-            },
-            fh,
-            indent=2,
-        )
-    bc.log(f"wrote {args.out} in {time.perf_counter() - total:.0f}s total")
+    bc.write_results(
+        args.out,
+        {
+            "machine": machine,
+            "versions": versions,
+            "data": data,
+            "config": vars(args),
+            "parity": {k: dataclasses.asdict(v) for k, v in parity.items()},
+            "skipped": [{"row": n, "why": w} for n, w in skipped],
+            "rows": results,
+        },
+        total,
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes results/bench_solvers.json; prints a markdown table to stdout, progress t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -219,20 +218,16 @@ def main(argv=None):
     )
     print()
     print(table(rows))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(
-            {
-                "machine": machine,
-                "jax_version": jax.__version__,
-                "config": dict(vars(args), w1_spectral_norm=w1_norm, data=data),
-                "rows": rows,
-                "total_s": time.perf_counter() - total,
-            },
-            fh,
-            indent=2,
-        )
-    bc.log(f"wrote {args.out} in {time.perf_counter() - total:.0f}s total")
+    bc.write_results(
+        args.out,
+        {
+            "machine": machine,
+            "jax_version": jax.__version__,
+            "config": dict(vars(args), w1_spectral_norm=w1_norm, data=data),
+            "rows": rows,
+        },
+        total,
+    )
 
 
 if __name__ == "__main__":
