@@ -180,3 +180,18 @@ def test_tiny_cell_iteration_stays_finite():
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in z)
     assert all(jnp.array_equal(a, b) for a, b in zip(f1, f2))
     assert max(float(jnp.max(jnp.abs(a))) for a in z) < 1e3
+
+
+@pytest.mark.parametrize("stride,kernel,bias", [(1, 3, False), (2, 3, True), (1, 1, False)])
+def test_channels_last_conv_matches_equinox(stride, kernel, bias):
+    options = dict(stride=stride, padding=kernel // 2, use_bias=bias, key=jax.random.PRNGKey(1))
+    reference = eqx.nn.Conv2d(5, 7, kernel, **options)
+    ours = nn.Conv2d(5, 7, kernel, **options)
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, 15, 13))
+    np.testing.assert_allclose(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_conv_rejects_a_batch():
+    conv = nn.Conv2d(2, 2, 3, padding=1, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"one \(C, H, W\) sample"):
+        conv(jnp.ones((4, 2, 8, 8)))

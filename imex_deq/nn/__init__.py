@@ -4,6 +4,7 @@ All modules work on ONE sample with channels-first `(C, H, W)` arrays; batch wit
 `jax.vmap`.
 """
 
+from ._blocks import Conv2d as Conv2d
 from ._blocks import ConvNorm as ConvNorm
 from ._blocks import ResidualBlock as ResidualBlock
 from ._blocks import default_groups as default_groups
