@@ -37,7 +37,7 @@ def test_missing_command(capsys):
 def test_bad_model_choice(capsys):
     err = run_error(capsys, ["train", "--model", "resnet"])
     assert "--model" in err and "'resnet'" in err
-    for variant in ("vanilla", "skip", "skip-reg", "neural-ode"):
+    for variant in ("vanilla", "skip", "skip-reg", "neural-ode", "explicit"):
         assert variant in err
 
 

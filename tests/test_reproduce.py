@@ -6,9 +6,15 @@ import json
 import pytest
 
 from imex_deq.experiments import TrainConfig, reproduce
-from imex_deq.experiments._reproduce import Variant, headline_ratios, table, variants
+from imex_deq.experiments._reproduce import (
+    Variant,
+    headline_ratios,
+    table,
+    time_to_accuracy,
+    variants,
+)
 
-ROWS = ("vanilla", "skip", "skip-reg", "neural-ode")
+ROWS = ("vanilla", "skip", "skip-reg", "neural-ode", "explicit")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +56,8 @@ def test_headline_ratio_lines(reproduced, capsys):
         "- test NFE Skip Reg. ",
         "- neural ODE vs continuous Vanilla DEQ training time: ",
         "- neural ODE vs continuous Vanilla DEQ backward s/batch: ",
+        "- skip-reg prediction time vs the explicit network: ",
+        "- skip-reg vs Vanilla training time to Vanilla's final test accuracy ",
     ):
         assert start in text, start
 
@@ -70,8 +78,9 @@ def test_results_json(reproduced):
     # Each run kept its own folder with log, checkpoint and summary.
     runs = sorted(p.name for p in (folder / "runs").iterdir())
     assert runs == sorted(
-        ["vanilla-anderson-s0", "skip-anderson-s0", "skip-reg-anderson-s0", "neural-ode-s0"]
-    )
+        ["vanilla-anderson-s0", "skip-anderson-s0", "skip-reg-anderson-s0", "neural-ode-s0",
+         "explicit-s0"]
+    )  # fmt: skip
     for name in runs:
         assert (folder / "runs" / name / "summary.json").is_file()
 
@@ -93,21 +102,28 @@ def test_unknown_experiment(tmp_path):
 # ------------------------------------------------------------- table without training
 
 
-def _run(accuracy, nfe, train_s, backward_s, predict_s=0.01):
+def _run(accuracy, nfe, train_s, backward_s, predict_s=0.01, history=()):
     return {
         "test_accuracy": accuracy,
         "test_nfe": nfe,
         "train_time_s": train_s,
         "backward_s": backward_s,
         "predict_s": predict_s,
-        "history": [],
+        "compile_time_s": 3.0,
+        "history": list(history),
     }
+
+
+def _evals(*pairs):
+    """A run history from (seconds, test accuracy) pairs."""
+    return [{"train_time_s": s, "test_accuracy": a} for s, a in pairs]
 
 
 def _results(vanilla_backward_s):
     rows = variants(("continuous",), with_jac=True)
     assert [v.label for v in rows] == [
-        "vanilla", "vanilla+jac", "skip", "skip+jac", "skip-reg", "skip-reg+jac", "neural-ode"
+        "vanilla", "vanilla+jac", "skip", "skip+jac", "skip-reg", "skip-reg+jac", "neural-ode",
+        "explicit",
     ]  # fmt: skip
     results = {v: [_run(0.9, 10.0, 120.0, 0.02), _run(0.92, 12.0, 120.0, 0.02)] for v in rows}
     results[Variant("vanilla", False, "continuous")] = [
@@ -122,7 +138,7 @@ def test_table_means_ratios_and_paper_values():
 
     text = table(_results(0.04), "continuous", PAPER_MNIST_DENSE)
     lines = text.splitlines()
-    assert len(lines) == 2 + 7
+    assert len(lines) == 2 + 8
     vanilla = next(line for line in lines if line.startswith("| vanilla |"))
     assert "97.00 ± 1.41" in vanilla and "paper 97.93" in vanilla and "×" not in vanilla
     skip = next(line for line in lines if line.startswith("| skip |"))
@@ -137,11 +153,42 @@ def test_headline_ratios():
         "test NFE Skip Reg. 11.0 vs Vanilla 18.0 (paper 4.0 vs 18.3)",
         "neural ODE vs continuous Vanilla DEQ training time: 0.50x (paper 2-4x)",
         "neural ODE vs continuous Vanilla DEQ backward s/batch: 0.50x",
+        "vanilla prediction time vs the explicit network: 1.00x",
+        "skip prediction time vs the explicit network: 1.00x",
+        "skip-reg prediction time vs the explicit network: 1.00x",
     ]
 
 
 def test_headline_ratios_with_unmeasurable_backward_time():
     # backward_s is clamped at 0 when step - forward - update is below timer noise.
     lines = headline_ratios(_results(0.0), "continuous")
-    assert len(lines) == 4
-    assert lines[-1].startswith("neural ODE vs continuous Vanilla DEQ backward s/batch: ")
+    assert len(lines) == 7
+    assert lines[3].startswith("neural ODE vs continuous Vanilla DEQ backward s/batch: ")
+
+
+def test_time_to_accuracy_averages_seeds_and_reads_the_first_hit():
+    runs = [
+        _run(0.9, 5, 30.0, 0.1, history=_evals((10.0, 0.5), (20.0, 0.8), (30.0, 0.9))),
+        _run(0.9, 5, 34.0, 0.1, history=_evals((12.0, 0.6), (22.0, 0.9), (34.0, 0.9))),
+    ]
+    assert time_to_accuracy(runs, 0.85) == pytest.approx(21.0)  # mean accuracy 0.85 at eval 2
+    assert time_to_accuracy(runs, 0.5) == pytest.approx(11.0)
+    assert time_to_accuracy(runs, 0.95) is None
+
+
+def test_speedup_to_vanilla_accuracy_line():
+    results = _results(0.04)
+    vanilla = Variant("vanilla", False, "continuous")
+    skip_reg = Variant("skip-reg", False, "continuous")
+    slow = _evals((100.0, 0.9), (200.0, 0.97))
+    results[vanilla] = [_run(0.97, 18.0, 200.0, 0.04, history=slow)] * 2
+    results[skip_reg] = [_run(0.98, 4.0, 60.0, 0.02, history=_evals((25.0, 0.97), (50.0, 0.98)))]
+    results[Variant("skip", False, "continuous")] = [
+        _run(0.9, 4.0, 60.0, 0.02, history=_evals((30.0, 0.8), (60.0, 0.9)))
+    ]
+    lines = headline_ratios(results, "continuous")
+    assert (
+        "skip-reg vs Vanilla training time to Vanilla's final test accuracy 97.00%: "
+        "8.00x faster (paper 4.01x on MNIST dense)"
+    ) in lines
+    assert any(line.startswith("skip vs Vanilla") and "never reached" in line for line in lines)

@@ -10,8 +10,8 @@ from ._small_linalg import solve_spd
 
 
 class _AndersonState(eqx.Module):
-    iterates: Float[Array, "m n"]
     images: Float[Array, "m n"]
+    residuals: Float[Array, "m n"]
     count: Int[Array, ""]
 
 
@@ -50,18 +50,16 @@ class Anderson(AbstractIterativeSolver):
     def update(self, fn, z, state: _AndersonState):
         fz = fn(z)
         slot = state.count % self.history
-        iterates = state.iterates.at[slot].set(z)
         images = state.images.at[slot].set(fz)
+        residuals = state.residuals.at[slot].set(fz - z)  # unused slots stay zero
         used = jnp.arange(self.history) < jnp.minimum(state.count + 1, self.history)
-        residuals = jnp.where(used[:, None], images - iterates, 0)
         gram = residuals @ residuals.T
         scale = jnp.max(jnp.diagonal(gram)) + jnp.finfo(z.dtype).tiny
         gram = gram + (self.ridge * scale) * jnp.eye(self.history, dtype=z.dtype)
         gram = jnp.where(used[:, None] & used[None, :], gram, jnp.eye(self.history, dtype=z.dtype))
         weights = solve_spd(gram, used.astype(z.dtype))
         weights = weights / jnp.sum(weights)
-        mixed_image = weights @ images
-        z_next = mixed_image
-        if self.damp != 0.0:
-            z_next = (1 - self.damp) * mixed_image + self.damp * (weights @ iterates)
-        return fz, z_next, _AndersonState(iterates, images, state.count + 1), jnp.array(1)
+        z_next = weights @ images
+        if self.damp != 0.0:  # mix the iterates z = f(z) - (f(z) - z) in by `damp`
+            z_next = z_next - self.damp * (weights @ residuals)
+        return fz, z_next, _AndersonState(images, residuals, state.count + 1), jnp.array(1)

@@ -62,7 +62,9 @@ class Broyden(AbstractIterativeSolver):
         u = jnp.where(usable, dz - _inverse_mv(state.us, state.vs, dg), 0)
         v = jnp.where(usable, dz_b / safe, 0)
         slot = jnp.maximum(state.count - 1, 0) % self.memory
-        us = jnp.where(usable, state.us.at[slot].set(u), state.us)
-        vs = jnp.where(usable, state.vs.at[slot].set(v), state.vs)
+        # Select one row, not the whole buffer: under vmap `usable` is per sample, and a
+        # buffer-wide select would copy memory x n floats per sample every iteration.
+        us = state.us.at[slot].set(jnp.where(usable, u, state.us[slot]))
+        vs = state.vs.at[slot].set(jnp.where(usable, v, state.vs[slot]))
         z_next = z - _inverse_mv(us, vs, g)
         return fz, z_next, _BroydenState(us, vs, z, g, state.count + 1), jnp.array(1)

@@ -7,6 +7,8 @@ from ._models import SOLVERS, VARIANTS
 ARCHITECTURES = ("dense", "conv")
 BACKWARD = ("gmres", "anderson", "fixed-point", "phantom", "unrolled")
 PRECISIONS = ("float32", "bfloat16")
+BASELINES = ("neural-ode", "explicit")
+"""Variants without a fixed point: no solver, no Jacobian regularisation, no pretraining."""
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -72,9 +74,9 @@ class TrainConfig:
             _check_positive(name, getattr(self, name), allow_zero=True)
         for name in ("pretrain_depth", "evals_per_epoch", "checkpoint_every"):
             _check_positive(name, getattr(self, name))
-        if self.model == "neural-ode" and (self.jac_weight or self.pretrain_steps):
+        if self.model in BASELINES and (self.jac_weight or self.pretrain_steps):
             raise ValueError(
-                "the neural-ode baseline has no fixed point: jac_weight and pretrain_steps "
+                f"the {self.model} baseline has no fixed point: jac_weight and pretrain_steps "
                 "must be 0."
             )
         if self.resume and self.out_dir is None:
@@ -84,5 +86,5 @@ class TrainConfig:
     def name(self) -> str:
         """A short run name, e.g. `skip-reg-continuous-jac-s0`."""
         jac = "-jac" if self.jac_weight else ""
-        solver = "" if self.model == "neural-ode" else f"-{self.solver}"
+        solver = "" if self.model in BASELINES else f"-{self.solver}"
         return f"{self.model}{solver}{jac}-s{self.seed}"

@@ -14,7 +14,7 @@ from .._neural_ode import NeuralODE
 from .._solvers import Anderson, Broyden, FixedPointIteration, NewtonKrylov, SteadyStateODE
 from .._solvers._base import AbstractSolver
 
-VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode")
+VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode", "explicit")
 SOLVERS = ("continuous", "anderson", "broyden", "fixed-point", "newton-krylov")
 
 
@@ -97,6 +97,8 @@ def _wrap_layer(
         return SkipDEQ(f, predictor, solver, **options)
     if variant == "skip-reg":
         return SkipRegDEQ(f, solver, **options)
+    if variant == "explicit":  # the one-pass network z = f(0, x) every DEQ is measured against
+        return DEQ(f, solver, **options, fixed_depth=1)
     if variant == "neural-ode":
         return NeuralODE(f, rtol=solver.rtol, atol=solver.rtol, state_shape=state_shape)
     raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}.")

@@ -29,6 +29,7 @@ COLUMNS = (
     ("train time (min)", "train_min", 1.0),
     ("backward (s/batch)", "backward_s", 1.0),
     ("predict (s/batch)", "predict_s", 1.0),
+    ("compile (s)", "compile_time_s", 1.0),
 )
 
 
@@ -44,15 +45,15 @@ class Variant:
 
 
 def variants(solvers: tuple[str, ...], with_jac: bool) -> list[Variant]:
-    """Vanilla / Skip / Skip Reg. (± Jacobian regularisation) per solver, then the neural
-    ODE baseline once."""
+    """Vanilla / Skip / Skip Reg. (± Jacobian regularisation) per solver, then the
+    baselines once: the neural ODE and the explicit one-pass network f(0, x)."""
     rows = [
         Variant(model, jac, solver)
         for solver in solvers
         for model in ("vanilla", "skip", "skip-reg")
         for jac in ((False, True) if with_jac else (False,))
     ]
-    return rows + [Variant("neural-ode", False, solvers[0])]
+    return rows + [Variant(model, False, solvers[0]) for model in ("neural-ode", "explicit")]
 
 
 def _stats(runs: list[dict], key: str, scale: float) -> tuple[float, float]:
@@ -92,6 +93,53 @@ def table(results: dict[Variant, list[dict]], solver: str, paper: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean_history(runs: list[dict], key: str) -> list[float]:
+    length = min(len(run["history"]) for run in runs)
+    return [statistics.mean(run["history"][i][key] for run in runs) for i in range(length)]
+
+
+def time_to_accuracy(runs: list[dict], target: float) -> float | None:
+    """Training seconds (compile excluded) until the seed-averaged test accuracy first
+    reaches `target`, read at the evaluations in the run history; `None` if never."""
+    accuracy = _mean_history(runs, "test_accuracy")
+    seconds = _mean_history(runs, "train_time_s")
+    return next((t for a, t in zip(accuracy, seconds) if a >= target), None)
+
+
+def _speedups_to_vanilla_accuracy(results, solver) -> list[str]:
+    vanilla = results.get(Variant("vanilla", False, solver))
+    if not vanilla or not all(run["history"] for run in vanilla):
+        return []
+    target = _stats(vanilla, "test_accuracy", 1.0)[0]
+    vanilla_time = time_to_accuracy(vanilla, target)
+    lines = []
+    for model in ("skip", "skip-reg"):
+        runs = results.get(Variant(model, False, solver))
+        if not runs or not vanilla_time:
+            continue
+        seconds = time_to_accuracy(runs, target)
+        verdict = "never reached" if seconds is None else f"{vanilla_time / seconds:.2f}x faster"
+        lines.append(
+            f"{model} vs Vanilla training time to Vanilla's final test accuracy "
+            f"{100 * target:.2f}%: {verdict} (paper 4.01x on MNIST dense)"
+        )
+    return lines
+
+
+def _prediction_vs_explicit(results, solver) -> list[str]:
+    explicit = next((r for v, r in results.items() if v.model == "explicit"), None)
+    if not explicit:
+        return []
+    base = _stats(explicit, "predict_s", 1.0)[0]
+    lines = []
+    for model in ("vanilla", "skip", "skip-reg"):
+        runs = results.get(Variant(model, False, solver))
+        if runs and base > 0:
+            ratio = _stats(runs, "predict_s", 1.0)[0] / base
+            lines.append(f"{model} prediction time vs the explicit network: {ratio:.2f}x")
+    return lines
+
+
 def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str]:
     """The paper's claims as measured ratios."""
 
@@ -121,7 +169,9 @@ def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str
         vanilla_backward = mean("vanilla", "backward_s")
         ratio = f"{node_backward / vanilla_backward:.2f}x" if vanilla_backward else "n/a"
         lines.append(f"neural ODE vs continuous Vanilla DEQ backward s/batch: {ratio}")
-    return lines
+    return lines + _speedups_to_vanilla_accuracy(results, solver) + _prediction_vs_explicit(
+        results, solver
+    )
 
 
 def plot(results: dict[Variant, list[dict]], path: Path, title: str) -> None:
