@@ -1,11 +1,12 @@
 """`reproduce`: every variant trained on tiny data, then table.md, results.json and a plot;
 plus the table and headline ratios on hand-made results (no training)."""
 
+import dataclasses
 import json
 
 import pytest
 
-from imex_deq.experiments import TrainConfig, reproduce
+from imex_deq.experiments import TrainConfig, _reproduce, reproduce
 from imex_deq.experiments._reproduce import (
     Variant,
     headline_ratios,
@@ -17,22 +18,28 @@ from imex_deq.experiments._reproduce import (
 ROWS = ("vanilla", "skip", "skip-reg", "neural-ode", "explicit")
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
-    results = reproduce(
+TINY_BASE = TrainConfig(
+    limit_train=64, limit_test=32, batch_size=16, progress=False, timing_batches=1
+)
+
+
+def _reproduce_tiny(out, base=TINY_BASE):
+    return reproduce(
         "mnist-dense",
         dataset="digits",
         seeds=1,
         epochs=1,
         solvers=("anderson",),
         with_jac=False,
-        base=TrainConfig(
-            limit_train=64, limit_test=32, batch_size=16, progress=False, timing_batches=1
-        ),
+        base=base,
         out_dir=str(out),
     )
-    return out / "mnist-dense", results
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    return out / "mnist-dense", _reproduce_tiny(out)
 
 
 def test_table_has_every_variant_and_the_paper(reproduced):
@@ -83,6 +90,33 @@ def test_results_json(reproduced):
     )  # fmt: skip
     for name in runs:
         assert (folder / "runs" / name / "summary.json").is_file()
+
+
+def test_rerun_reuses_finished_runs(reproduced, monkeypatch):
+    folder, first = reproduced
+
+    def no_training(config, data=None):
+        raise AssertionError(f"{config.name} was retrained")
+
+    monkeypatch.setattr(_reproduce, "train", no_training)
+    # progress is presentation only: a rerun with it on still reuses every run.
+    again = _reproduce_tiny(folder.parent, dataclasses.replace(TINY_BASE, progress=True))
+    assert again == json.loads((folder / "results.json").read_text())
+    assert sorted(again) == sorted(first)
+
+
+def test_finished_run_not_reused_when_a_setting_changed(reproduced):
+    folder, _ = reproduced
+    config = TrainConfig(
+        **{**dataclasses.asdict(TINY_BASE), "model": "vanilla", "solver": "anderson"},
+    )
+    run_dir = folder / "runs" / "vanilla-anderson-s0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    same = TrainConfig(**summary["config"])
+    assert _reproduce.finished_run(same) == summary
+    for change in ({"learning_rate": 0.5}, {"limit_train": 48}, {"seed": 1}):
+        assert _reproduce.finished_run(dataclasses.replace(same, **change)) is None, change
+    assert _reproduce.finished_run(dataclasses.replace(config, out_dir=str(folder))) is None
 
 
 def test_plot_written(reproduced):

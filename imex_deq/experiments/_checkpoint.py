@@ -16,20 +16,15 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or does not match the model."""
 
 
-def save_checkpoint(path: str | os.PathLike, tree: Any, meta: dict) -> None:
-    """Write `meta` and `tree`'s arrays to `path` atomically: a temporary file beside it is
-    written, flushed and fsync'ed, then renamed over `path`, and the folder is fsync'ed. A
-    crash at any point leaves either the old checkpoint or the new one, never a mix."""
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one, never a
+    mix: a temporary file beside it is written and fsync'ed, renamed over `path`, and the
+    folder is fsync'ed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoded = json.dumps(meta).encode()
-    buffer = io.BytesIO()
-    eqx.tree_serialise_leaves(buffer, tree)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
-        handle.write(_HEADER.pack(len(encoded)))
-        handle.write(encoded)
-        handle.write(buffer.getvalue())
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -38,6 +33,16 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, meta: dict) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def save_checkpoint(path: str | os.PathLike, tree: Any, meta: dict) -> None:
+    """Write `meta` and `tree`'s arrays to `path` atomically (`write_atomically`)."""
+    encoded = json.dumps(meta).encode()
+    buffer = io.BytesIO()
+    buffer.write(_HEADER.pack(len(encoded)))
+    buffer.write(encoded)
+    eqx.tree_serialise_leaves(buffer, tree)
+    write_atomically(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:

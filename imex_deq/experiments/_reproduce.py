@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data import load_dataset
+from ._checkpoint import write_atomically
 from ._config import TrainConfig
-from ._training import train
+from ._training import SUMMARY, train
 
 EXPERIMENTS = {"mnist-dense": "dense", "mnist-conv": "conv"}
 
@@ -203,6 +204,25 @@ def plot(results: dict[Variant, list[dict]], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+_PRESENTATION_ONLY = ("progress", "resume")
+"""Options that do not change what a run computes."""
+
+
+def finished_run(config: TrainConfig) -> dict | None:
+    """The summary a finished run of exactly `config` left in `config.out_dir`, or None.
+
+    Lets an interrupted `reproduce` start again without retraining what it had finished;
+    a summary from a run with any other setting is not reused (that run is retrained)."""
+    path = Path(config.out_dir) / SUMMARY
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text()).get("config", {})
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists
+    if any(stored.get(k) != v for k, v in wanted.items() if k not in _PRESENTATION_ONLY):
+        return None
+    return json.loads(path.read_text())
+
+
 def reproduce(
     experiment: str,
     *,
@@ -215,7 +235,11 @@ def reproduce(
     base: TrainConfig | None = None,
 ) -> dict:
     """Train every variant for every seed; write `table.md`, `results.json` and one PNG per
-    solver kind under `out_dir/<experiment>`; print the table and headline ratios."""
+    solver kind under `out_dir/<experiment>`; print the table and headline ratios.
+
+    Runs already finished with the same settings under `out_dir` are read back, not
+    retrained (`finished_run`); with `base.resume` an interrupted run continues from its
+    last checkpoint."""
     if experiment not in EXPERIMENTS:
         raise ValueError(
             f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}."
@@ -238,8 +262,10 @@ def reproduce(
                 seed=seed,
             )
             config = dataclasses.replace(config, out_dir=str(folder / "runs" / config.name))
-            print(f"[{index + 1}/{len(plan)}] {config.name}", file=sys.stderr, flush=True)
-            summary = train(config, data)
+            summary = finished_run(config)
+            status = "finished earlier, reused" if summary else "training"
+            print(f"[{index + 1}/{len(plan)}] {config.name}: {status}", file=sys.stderr, flush=True)
+            summary = summary or train(config, data)
             results.setdefault(variant, []).append(summary)
     paper = PAPER_MNIST_DENSE if experiment == "mnist-dense" else {}
     report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
@@ -250,8 +276,8 @@ def reproduce(
         solver_rows = {v: r for v, r in results.items() if v.solver == solver}
         plot(solver_rows, folder / f"{experiment}-{solver}.png", f"{experiment}, {solver}")
     text = "\n".join(report)
-    (folder / "table.md").write_text(text)
+    write_atomically(folder / "table.md", text.encode())
     serialisable = {f"{v.label}@{v.solver}": runs for v, runs in results.items()}
-    (folder / "results.json").write_text(json.dumps(serialisable, indent=1))
+    write_atomically(folder / "results.json", json.dumps(serialisable, indent=1).encode())
     print(text)
     return serialisable

@@ -21,7 +21,7 @@ from .._regularisers import skip_loss
 from .._solution import RESULTS
 from .._solvers import Anderson, FixedPointIteration
 from ..data import Dataset, iterate_batches, load_dataset, num_batches
-from ._checkpoint import load_checkpoint, save_checkpoint
+from ._checkpoint import load_checkpoint, save_checkpoint, write_atomically
 from ._config import TrainConfig
 from ._models import Classifier, build_conv_model, build_dense_model, make_solver
 from ._parallel import (
@@ -38,6 +38,7 @@ from ._timing import median_time, time_call
 
 CHECKPOINT = "checkpoint.eqx"
 LOG = "log.jsonl"
+SUMMARY = "summary.json"
 
 
 def make_adjoint(name: str, rtol: float):
@@ -375,7 +376,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
     summary = _summarise(config, trainer, model, opt_state, data, meta, put)
     if writer is not None:
         save_checkpoint(writer / CHECKPOINT, (model, opt_state), meta)
-        (writer / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomically(writer / SUMMARY, json.dumps(summary, indent=2).encode())
     return summary
 
 

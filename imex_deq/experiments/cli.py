@@ -76,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--no-jac", action="store_true", help="skip the Jacobian-regularised rows")
     rep.add_argument("--out", default="results")
+    rep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue interrupted runs from their last checkpoint (runs that finished with "
+        "the same settings are reused either way)",
+    )
     _add_training_options(rep)
     return top
 
@@ -135,7 +141,7 @@ def _run(args: argparse.Namespace) -> None:
         solvers=solvers,
         out_dir=args.out,
         with_jac=not args.no_jac,
-        base=dataclasses.replace(_base_config(args), dataset=args.dataset),
+        base=dataclasses.replace(_base_config(args), dataset=args.dataset, resume=args.resume),
     )
 
 
