@@ -64,7 +64,7 @@ def test_headline_ratio_lines(reproduced, capsys):
         "- neural ODE vs continuous Vanilla DEQ training time: ",
         "- neural ODE vs continuous Vanilla DEQ backward s/batch: ",
         "- skip-reg prediction time vs the explicit network: ",
-        "- skip-reg vs Vanilla training time to Vanilla's final test accuracy ",
+        "- skip-reg vs Vanilla training time to ",
     ):
         assert start in text, start
 
@@ -216,13 +216,15 @@ def test_speedup_to_vanilla_accuracy_line():
     skip_reg = Variant("skip-reg", False, "continuous")
     slow = _evals((100.0, 0.9), (200.0, 0.97))
     results[vanilla] = [_run(0.97, 18.0, 200.0, 0.04, history=slow)] * 2
-    results[skip_reg] = [_run(0.98, 4.0, 60.0, 0.02, history=_evals((25.0, 0.97), (50.0, 0.98)))]
+    # 96.6% is within the 0.5-point slack of Vanilla's 97%: reached at 25 s.
+    fast = _evals((25.0, 0.966), (50.0, 0.968))
+    results[skip_reg] = [_run(0.968, 4.0, 60.0, 0.02, history=fast)]
     results[Variant("skip", False, "continuous")] = [
         _run(0.9, 4.0, 60.0, 0.02, history=_evals((30.0, 0.8), (60.0, 0.9)))
     ]
     lines = headline_ratios(results, "continuous")
     assert (
-        "skip-reg vs Vanilla training time to Vanilla's final test accuracy 97.00%: "
-        "8.00x faster (paper 4.01x on MNIST dense)"
+        "skip-reg vs Vanilla training time to 96.50% test accuracy (Vanilla's final minus "
+        "0.5 points): 8.00x faster (paper 4.01x on MNIST dense)"
     ) in lines
     assert any(line.startswith("skip vs Vanilla") and "never reached" in line for line in lines)

@@ -12,6 +12,7 @@ from ._small_linalg import solve_spd
 class _AndersonState(eqx.Module):
     images: Float[Array, "m n"]
     residuals: Float[Array, "m n"]
+    gram: Float[Array, "m m"]  # residuals @ residuals.T, one row refreshed per step
     count: Int[Array, ""]
 
 
@@ -45,7 +46,8 @@ class Anderson(AbstractIterativeSolver):
 
     def init(self, z):
         buffer = jnp.zeros((self.history, z.size), z.dtype)
-        return _AndersonState(buffer, buffer, jnp.array(0))
+        gram = jnp.zeros((self.history, self.history), z.dtype)
+        return _AndersonState(buffer, buffer, gram, jnp.array(0))
 
     def update(self, fn, z, state: _AndersonState):
         fz = fn(z)
@@ -53,7 +55,11 @@ class Anderson(AbstractIterativeSolver):
         images = state.images.at[slot].set(fz)
         residuals = state.residuals.at[slot].set(fz - z)  # unused slots stay zero
         used = jnp.arange(self.history) < jnp.minimum(state.count + 1, self.history)
-        gram = residuals @ residuals.T
+        # Only the new residual's row of the Gram matrix changes: a matrix-vector product
+        # instead of a (batched, on XLA CPU slow) matrix-matrix one.
+        row = residuals @ residuals[slot]
+        raw_gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
+        gram = raw_gram
         scale = jnp.max(jnp.diagonal(gram)) + jnp.finfo(z.dtype).tiny
         gram = gram + (self.ridge * scale) * jnp.eye(self.history, dtype=z.dtype)
         gram = jnp.where(used[:, None] & used[None, :], gram, jnp.eye(self.history, dtype=z.dtype))
@@ -62,4 +68,4 @@ class Anderson(AbstractIterativeSolver):
         z_next = weights @ images
         if self.damp != 0.0:  # mix the iterates z = f(z) - (f(z) - z) in by `damp`
             z_next = z_next - self.damp * (weights @ residuals)
-        return fz, z_next, _AndersonState(images, residuals, state.count + 1), jnp.array(1)
+        return fz, z_next, _AndersonState(images, residuals, raw_gram, state.count + 1), jnp.array(1)

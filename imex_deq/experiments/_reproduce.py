@@ -107,11 +107,17 @@ def time_to_accuracy(runs: list[dict], target: float) -> float | None:
     return next((t for a, t in zip(accuracy, seconds) if a >= target), None)
 
 
+ACCURACY_SLACK = 0.005
+"""How far below Vanilla's final test accuracy counts as "the same accuracy" (0.5 points):
+seed-to-seed spread is about that large, so an exact target would turn noise into
+"never reached"."""
+
+
 def _speedups_to_vanilla_accuracy(results, solver) -> list[str]:
     vanilla = results.get(Variant("vanilla", False, solver))
     if not vanilla or not all(run["history"] for run in vanilla):
         return []
-    target = _stats(vanilla, "test_accuracy", 1.0)[0]
+    target = _stats(vanilla, "test_accuracy", 1.0)[0] - ACCURACY_SLACK
     vanilla_time = time_to_accuracy(vanilla, target)
     lines = []
     for model in ("skip", "skip-reg"):
@@ -121,8 +127,8 @@ def _speedups_to_vanilla_accuracy(results, solver) -> list[str]:
         seconds = time_to_accuracy(runs, target)
         verdict = "never reached" if seconds is None else f"{vanilla_time / seconds:.2f}x faster"
         lines.append(
-            f"{model} vs Vanilla training time to Vanilla's final test accuracy "
-            f"{100 * target:.2f}%: {verdict} (paper 4.01x on MNIST dense)"
+            f"{model} vs Vanilla training time to {100 * target:.2f}% test accuracy (Vanilla's "
+            f"final minus {100 * ACCURACY_SLACK:g} points): {verdict} (paper 4.01x on MNIST dense)"
         )
     return lines
 
