@@ -55,16 +55,21 @@ class Broyden(AbstractIterativeSolver):
         g = fz - z
         dz = z - state.previous_z
         dg = g - state.previous_g
+        step = _inverse_mv(state.us, state.vs, g)  # B g
         dz_b = _inverse_rmv(state.us, state.vs, dz)
         denominator = dz_b @ dg
         usable = (state.count > 0) & (jnp.abs(denominator) > jnp.finfo(z.dtype).eps)
         safe = jnp.where(usable, denominator, 1)
-        u = jnp.where(usable, dz - _inverse_mv(state.us, state.vs, dg), 0)
-        v = jnp.where(usable, dz_b / safe, 0)
+        # The previous step was z = previous_z - B previous_g, so B dg = B g + dz and
+        # Broyden's u = dz - B dg is -B g: one product with B per step instead of two.
         slot = jnp.maximum(state.count - 1, 0) % self.memory
-        # Select one row, not the whole buffer: under vmap `usable` is per sample, and a
-        # buffer-wide select would copy memory x n floats per sample every iteration.
-        us = state.us.at[slot].set(jnp.where(usable, u, state.us[slot]))
-        vs = state.vs.at[slot].set(jnp.where(usable, v, state.vs[slot]))
-        z_next = z - _inverse_mv(us, vs, g)
+        old_u, old_v = state.us[slot], state.vs[slot]
+        u = jnp.where(usable, -step, old_u)
+        v = jnp.where(usable, dz_b / safe, old_v)
+        # Write one row (under vmap `usable` is per sample; a buffer-wide select would
+        # copy memory x n floats per sample each step).
+        us = state.us.at[slot].set(u)
+        vs = state.vs.at[slot].set(v)
+        # B_new g = B g + u (v . g) - old_u (old_v . g): the ring slot's old term is replaced.
+        z_next = z - (step + u * (v @ g) - old_u * (old_v @ g))
         return fz, z_next, _BroydenState(us, vs, z, g, state.count + 1), jnp.array(1)
