@@ -191,6 +191,37 @@ def test_channels_last_conv_matches_equinox(stride, kernel, bias):
     np.testing.assert_allclose(ours(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "stride,dilation,padding,groups",
+    [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, ((0, 2), (2, 1)), 1), ((2, 1), (1, 2), 2, 1), (1, 1, 1, 2)],
+)
+def test_channels_last_conv_derivatives_match_equinox(stride, dilation, padding, groups):
+    """Its custom tangent rule (for a fast transpose) gives the same reverse- and
+    forward-mode derivatives as equinox's convolution, for every parameter and the input."""
+    options = dict(stride=stride, dilation=dilation, padding=padding, groups=groups)
+    reference = eqx.nn.Conv2d(4, 6, 3, **options, key=jax.random.PRNGKey(1))
+    ours = nn.Conv2d(4, 6, 3, **options, key=jax.random.PRNGKey(1))
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 11, 10))
+    direction = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+
+    def loss(conv, x):
+        return jnp.sum(jnp.sin(conv(x)))
+
+    for ours_grad, reference_grad in zip(
+        jax.tree_util.tree_leaves(eqx.filter_grad(loss)(ours, x)),
+        jax.tree_util.tree_leaves(eqx.filter_grad(loss)(reference, x)),
+    ):
+        np.testing.assert_allclose(ours_grad, reference_grad, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: loss(ours, x))(x), jax.grad(lambda x: loss(reference, x))(x),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        jax.jvp(ours, (x,), (direction,))[1], jax.jvp(reference, (x,), (direction,))[1],
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+
+
 def test_channels_last_conv_rejects_a_batch():
     conv = nn.Conv2d(2, 2, 3, padding=1, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"one \(C, H, W\) sample"):

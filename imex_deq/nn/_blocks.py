@@ -1,5 +1,7 @@
 """Convolutional building blocks (one sample, channels-first `(C, H, W)`)."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,36 @@ from jaxtyping import Array, PRNGKeyArray
 from ._dropout import apply_mask
 from ._weight_norm import weight_norm as _weight_norm
 
+def _conv_nhwc(x, kernel, stride, padding, dilation, groups, kernel_spec="HWIO"):
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=stride,
+        padding=padding,
+        rhs_dilation=dilation,
+        feature_group_count=groups,
+        dimension_numbers=("NHWC", kernel_spec, "NHWC"),
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _ungrouped_conv(x, kernel, stride, padding, dilation):
+    return _conv_nhwc(x, kernel, stride, padding, dilation, 1)
+
+
+@_ungrouped_conv.defjvp
+def _ungrouped_conv_jvp(stride, padding, dilation, primals, tangents):
+    # Reverse mode transposes the tangent map. JAX's transpose of a convolution in x swaps
+    # the kernel's I and O dimension numbers (HWIO -> HWOI), a layout XLA CPU runs on its
+    # slow generic path inside loops: 6x the forward's cost in every adjoint iteration.
+    # Stating the x-tangent with an I/O-swapped copy of the kernel (HWOI) makes that
+    # transpose a canonical HWIO convolution; the primal stays canonical too.
+    x, kernel = primals
+    dx, dkernel = tangents
+    swapped = jnp.transpose(kernel, (0, 1, 3, 2))
+    tangent = _conv_nhwc(dx, swapped, stride, padding, dilation, 1, kernel_spec="HWOI")
+    tangent = tangent + _conv_nhwc(x, dkernel, stride, padding, dilation, 1)
+    return _ungrouped_conv(x, kernel, stride, padding, dilation), tangent
 
 
 class Conv2d(eqx.nn.Conv2d):
@@ -16,7 +48,10 @@ class Conv2d(eqx.nn.Conv2d):
 
     XLA's CPU backend runs a channels-first convolution inside a loop body (every DEQ
     solver and adjoint loop) on a slow generic path, about 7x slower than outside a loop
-    (jax-ml/jax#12868); channels-last convolutions take the fast path everywhere.
+    (jax-ml/jax#12868); channels-last convolutions take the fast path everywhere. For
+    ungrouped convolutions the input gradient is also a canonical channels-last
+    convolution (JAX's own transpose rule lands on the slow path); forward-mode
+    derivatives (`jax.jvp`, used by `NewtonKrylov`) of it are slower instead.
     """
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
@@ -24,15 +59,14 @@ class Conv2d(eqx.nn.Conv2d):
             raise ValueError(f"Conv2d expects one (C, H, W) sample, got shape {x.shape}.")
         if self.padding_mode != "ZEROS":
             raise ValueError(f"Conv2d supports zero padding only, got {self.padding_mode}.")
-        y = jax.lax.conv_general_dilated(
-            jnp.transpose(x, (1, 2, 0))[None],
-            jnp.transpose(self.weight, (2, 3, 1, 0)),
-            window_strides=self.stride,
-            padding=self.padding,
-            rhs_dilation=self.dilation,
-            feature_group_count=self.groups,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )[0]
+        x = jnp.transpose(x, (1, 2, 0))[None]
+        kernel = jnp.transpose(self.weight, (2, 3, 1, 0))
+        padding = tuple(tuple(pair) for pair in self.padding)
+        stride, dilation = tuple(self.stride), tuple(self.dilation)
+        if self.groups == 1:
+            y = _ungrouped_conv(x, kernel, stride, padding, dilation)[0]
+        else:
+            y = _conv_nhwc(x, kernel, stride, padding, dilation, self.groups)[0]
         if self.use_bias:
             y = y + self.bias[:, 0, 0][None, None, :]
         return jnp.transpose(y, (2, 0, 1))
