@@ -4,8 +4,8 @@ from ._adjoint import AbstractAdjoint as AbstractAdjoint
 from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
-from ._deq import AbstractDEQ as AbstractDEQ
 from ._deq import DEQ as DEQ
+from ._deq import AbstractDEQ as AbstractDEQ
 from ._deq import DEQInfo as DEQInfo
 from ._deq import SkipDEQ as SkipDEQ
 from ._deq import SkipRegDEQ as SkipRegDEQ

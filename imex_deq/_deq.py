@@ -206,7 +206,7 @@ def with_fixed_depth(model: PyTree, depth: int | None) -> PyTree:
     """Return `model` with every DEQ layer inside it switched to fixed-depth mode
     (`depth` applications of f, plain backprop), or back to solving when `depth` is None.
     """
-    is_deq = lambda node: isinstance(node, AbstractDEQ)  # noqa: E731
+    is_deq = lambda node: isinstance(node, AbstractDEQ)
 
     def find(tree):
         return [n for n in jax.tree_util.tree_leaves(tree, is_leaf=is_deq) if is_deq(n)]

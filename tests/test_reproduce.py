@@ -228,3 +228,12 @@ def test_speedup_to_vanilla_accuracy_line():
         "0.5 points): 8.00x faster (paper 4.01x on MNIST dense)"
     ) in lines
     assert any(line.startswith("skip vs Vanilla") and "never reached" in line for line in lines)
+
+
+def test_variants_subset_and_unknown_model():
+    rows = variants(("anderson",), with_jac=False, models=("vanilla", "explicit"))
+    assert [v.label for v in rows] == ["vanilla", "explicit"]
+    with pytest.raises(ValueError, match=r"models: unknown \['resnet'\]; choose from vanilla"):
+        variants(("anderson",), with_jac=False, models=("vanilla", "resnet"))
+    with pytest.raises(ValueError, match="models: unknown"):
+        variants(("anderson",), with_jac=False, models=())

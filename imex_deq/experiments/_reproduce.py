@@ -11,6 +11,7 @@ import numpy as np
 from ..data import load_dataset
 from ._checkpoint import write_atomically
 from ._config import TrainConfig
+from ._models import VARIANTS
 from ._training import SUMMARY, train
 
 EXPERIMENTS = {"mnist-dense": "dense", "mnist-conv": "conv"}
@@ -45,16 +46,25 @@ class Variant:
         return self.model + ("+jac" if self.jac else "")
 
 
-def variants(solvers: tuple[str, ...], with_jac: bool) -> list[Variant]:
+def variants(
+    solvers: tuple[str, ...], with_jac: bool, models: tuple[str, ...] = VARIANTS
+) -> list[Variant]:
     """Vanilla / Skip / Skip Reg. (± Jacobian regularisation) per solver, then the
-    baselines once: the neural ODE and the explicit one-pass network f(0, x)."""
+    baselines once: the neural ODE and the explicit one-pass network f(0, x); only the
+    `models` asked for."""
+    unknown = sorted(set(models) - set(VARIANTS))
+    if unknown or not models:
+        raise ValueError(
+            f"models: unknown {unknown or list(models)}; choose from {', '.join(VARIANTS)}."
+        )
     rows = [
         Variant(model, jac, solver)
         for solver in solvers
         for model in ("vanilla", "skip", "skip-reg")
         for jac in ((False, True) if with_jac else (False,))
     ]
-    return rows + [Variant(model, False, solvers[0]) for model in ("neural-ode", "explicit")]
+    baselines = [Variant(model, False, solvers[0]) for model in ("neural-ode", "explicit")]
+    return [v for v in rows + baselines if v.model in models]
 
 
 def _stats(runs: list[dict], key: str, scale: float) -> tuple[float, float]:
@@ -239,6 +249,7 @@ def reproduce(
     out_dir: str = "results",
     with_jac: bool = True,
     base: TrainConfig | None = None,
+    models: tuple[str, ...] = VARIANTS,
 ) -> dict:
     """Train every variant for every seed; write `table.md`, `results.json` and one PNG per
     solver kind under `out_dir/<experiment>`; print the table and headline ratios.
@@ -254,7 +265,7 @@ def reproduce(
     folder = Path(out_dir) / experiment
     data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
     results: dict[Variant, list[dict]] = {}
-    plan = variants(solvers, with_jac)
+    plan = variants(solvers, with_jac, models)
     for index, variant in enumerate(plan):
         for seed in range(seeds):
             config = dataclasses.replace(

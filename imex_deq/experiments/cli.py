@@ -75,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated solver kinds, one table column each (first gets the neural ODE)",
     )
     rep.add_argument("--no-jac", action="store_true", help="skip the Jacobian-regularised rows")
+    rep.add_argument(
+        "--models",
+        default=",".join(VARIANTS),
+        help="comma-separated variants to train (default: all)",
+    )
     rep.add_argument("--out", default="results")
     rep.add_argument(
         "--resume",
@@ -141,6 +146,7 @@ def _run(args: argparse.Namespace) -> None:
         solvers=solvers,
         out_dir=args.out,
         with_jac=not args.no_jac,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         base=dataclasses.replace(_base_config(args), dataset=args.dataset, resume=args.resume),
     )
 

@@ -10,6 +10,7 @@ from jaxtyping import Array, PRNGKeyArray
 from ._dropout import apply_mask
 from ._weight_norm import weight_norm as _weight_norm
 
+
 def _conv_nhwc(x, kernel, stride, padding, dilation, groups, kernel_spec="HWIO"):
     return jax.lax.conv_general_dilated(
         x,
