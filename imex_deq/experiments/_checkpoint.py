@@ -58,7 +58,7 @@ def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     try:
         meta = json.loads(data[_HEADER.size : _HEADER.size + length])
         tree = eqx.tree_deserialise_leaves(io.BytesIO(data[_HEADER.size + length :]), template)
-    except Exception as error:
+    except Exception as error:  # re-raised below with the file named
         raise CheckpointError(
             f"checkpoint {path} does not match this model/optimizer or is damaged: {error}"
         ) from error
