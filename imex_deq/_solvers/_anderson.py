@@ -58,14 +58,14 @@ class Anderson(AbstractIterativeSolver):
         # Only the new residual's row of the Gram matrix changes: a matrix-vector product
         # instead of a (batched, on XLA CPU slow) matrix-matrix one.
         row = residuals @ residuals[slot]
-        raw_gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
-        gram = raw_gram
+        gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
         scale = jnp.max(jnp.diagonal(gram)) + jnp.finfo(z.dtype).tiny
-        gram = gram + (self.ridge * scale) * jnp.eye(self.history, dtype=z.dtype)
-        gram = jnp.where(used[:, None] & used[None, :], gram, jnp.eye(self.history, dtype=z.dtype))
-        weights = solve_spd(gram, used.astype(z.dtype))
+        eye = jnp.eye(self.history, dtype=z.dtype)
+        regularised = jnp.where(used[:, None] & used[None, :], gram + self.ridge * scale * eye, eye)
+        weights = solve_spd(regularised, used.astype(z.dtype))
         weights = weights / jnp.sum(weights)
         z_next = weights @ images
         if self.damp != 0.0:  # mix the iterates z = f(z) - (f(z) - z) in by `damp`
             z_next = z_next - self.damp * (weights @ residuals)
-        return fz, z_next, _AndersonState(images, residuals, raw_gram, state.count + 1), jnp.array(1)
+        new_state = _AndersonState(images, residuals, gram, state.count + 1)
+        return fz, z_next, new_state, jnp.array(1)

@@ -129,10 +129,12 @@ def _speedups_to_vanilla_accuracy(results, solver) -> list[str]:
         return []
     target = _stats(vanilla, "test_accuracy", 1.0)[0] - ACCURACY_SLACK
     vanilla_time = time_to_accuracy(vanilla, target)
+    if not vanilla_time:
+        return []
     lines = []
     for model in ("skip", "skip-reg"):
         runs = results.get(Variant(model, False, solver))
-        if not runs or not vanilla_time:
+        if not runs:
             continue
         seconds = time_to_accuracy(runs, target)
         verdict = "never reached" if seconds is None else f"{vanilla_time / seconds:.2f}x faster"
@@ -232,11 +234,12 @@ def finished_run(config: TrainConfig) -> dict | None:
     path = Path(config.out_dir) / SUMMARY
     if not path.is_file():
         return None
-    stored = json.loads(path.read_text()).get("config", {})
+    summary = json.loads(path.read_text())
+    stored = summary.get("config", {})
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists
     if any(stored.get(k) != v for k, v in wanted.items() if k not in _PRESENTATION_ONLY):
         return None
-    return json.loads(path.read_text())
+    return summary
 
 
 def reproduce(
