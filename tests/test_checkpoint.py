@@ -24,7 +24,7 @@ from imex_deq.experiments import (
     save_checkpoint,
     train,
 )
-from imex_deq.experiments._training import CHECKPOINT, LOG, _initial_state
+from imex_deq.experiments._training import CHECKPOINT, LOG, _initial_state, make_optimizer
 
 
 @functools.cache
@@ -176,6 +176,7 @@ def _config(out, **changes) -> TrainConfig:
         max_steps=10,
         epochs=EPOCHS,
         learning_rate=1e-2,
+        lr_schedule="cosine",  # the schedule's step count must survive the kill too
         checkpoint_every=EVERY,
         progress=False,
         timing_batches=1,
@@ -185,7 +186,7 @@ def _config(out, **changes) -> TrainConfig:
 
 
 def _final_state(config, data):
-    trainer = Trainer(config, optax.adam(config.learning_rate))
+    trainer = Trainer(config, make_optimizer(config, PER_EPOCH * EPOCHS))
     template = eqx.filter_eval_shape(_initial_state, config, data, trainer)
     return load_checkpoint(config.out_dir + "/" + CHECKPOINT, template)
 

@@ -58,6 +58,11 @@ def test_negative_batch_size(capsys):
     assert "batch_size" in err and "-4" in err
 
 
+def test_bad_lr_schedule(capsys):
+    err = run_error(capsys, ["train", "--lr-schedule", "linear"])
+    assert "--lr-schedule" in err and "'linear'" in err and "cosine" in err
+
+
 def test_non_integer_epochs(capsys):
     err = run_error(capsys, ["train", "--epochs", "two"])
     assert "--epochs" in err and "'two'" in err
@@ -84,7 +89,8 @@ def test_resume_without_out(capsys):
 
 def test_resume_from_damaged_checkpoint(capsys, tmp_path):
     (tmp_path / "checkpoint.eqx").write_bytes(b"\x00\x01")
-    argv = ["train", "--out", str(tmp_path), "--resume", "--limit-train", "32", "--no-progress"]
+    argv = ["train", "--out", str(tmp_path), "--resume", "--limit-train", "32"]
+    argv += ["--batch-size", "16", "--no-progress"]
     err = run_error(capsys, argv)
     assert "checkpoint" in err and str(tmp_path) in err
 

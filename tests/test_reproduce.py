@@ -119,6 +119,18 @@ def test_finished_run_not_reused_when_a_setting_changed(reproduced):
     assert _reproduce.finished_run(dataclasses.replace(config, out_dir=str(folder))) is None
 
 
+def test_finished_run_from_before_a_setting_existed_counts_as_its_default(reproduced, tmp_path):
+    folder, _ = reproduced
+    summary = json.loads((folder / "runs" / "vanilla-anderson-s0" / "summary.json").read_text())
+    del summary["config"]["lr_schedule"]  # as written before the option was added
+    summary["config"]["out_dir"] = str(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    old = TrainConfig(**summary["config"])
+    assert old.lr_schedule == "constant"
+    assert _reproduce.finished_run(old) == summary
+    assert _reproduce.finished_run(dataclasses.replace(old, lr_schedule="cosine")) is None
+
+
 def test_plot_written(reproduced):
     folder, _ = reproduced
     png = folder / "mnist-dense-anderson.png"

@@ -6,6 +6,7 @@ unrolled backward) on 64 digits images, and each compiled step is shared through
 module-scoped fixture: JAX compiles dominate the runtime.
 """
 
+import itertools
 import json
 import math
 
@@ -17,7 +18,7 @@ import optax
 import pytest
 
 from imex_deq.data import load_dataset
-from imex_deq.experiments import TrainConfig, Trainer, train
+from imex_deq.experiments import TrainConfig, Trainer, make_optimizer, train
 from imex_deq.experiments._training import build_model
 
 VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode", "explicit")
@@ -214,3 +215,30 @@ def test_compile_time_reported_apart_from_train_time(pretrained_run):
     assert summary["train_time_s"] == pytest.approx(train_s, rel=1e-6)
     assert summary["compile_time_s"] > summary["train_time_s"] > 0
     assert summary["compile_timing_s"] >= 0
+
+
+def test_cosine_schedule_starts_at_the_learning_rate_and_ends_at_zero():
+    """Adam's first step is ±lr whatever the gradient's scale; under the cosine schedule
+    the step shrinks to 0 at the last training step and stays there."""
+    steps = 10
+    config = tiny_config(learning_rate=0.1, lr_schedule="cosine")
+    optimiser = make_optimizer(config, steps)
+    constant = make_optimizer(tiny_config(learning_rate=0.1), steps)
+    params = jnp.zeros(3)
+    grads = jnp.array([1.0, -2.0, 0.5])
+    state, constant_state = optimiser.init(params), constant.init(params)
+    sizes = []
+    for _ in range(steps + 2):
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
+            updates, state = optimiser.update(grads, state)
+            fixed, constant_state = constant.update(grads, constant_state)
+        sizes.append(float(jnp.max(jnp.abs(updates))))
+        np.testing.assert_allclose(np.abs(fixed), 0.1, rtol=1e-4)
+    np.testing.assert_allclose(sizes[0], 0.1, rtol=1e-4)
+    assert all(a > b for a, b in itertools.pairwise(sizes[:steps]))  # decreasing
+    assert sizes[steps] == sizes[steps + 1] == 0.0
+
+
+def test_unknown_lr_schedule_is_rejected():
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine; got 'step'"):
+        tiny_config(lr_schedule="step")

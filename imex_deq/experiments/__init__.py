@@ -12,4 +12,5 @@ from ._models import make_solver as make_solver
 from ._reproduce import reproduce as reproduce
 from ._training import Trainer as Trainer
 from ._training import evaluate as evaluate
+from ._training import make_optimizer as make_optimizer
 from ._training import train as train

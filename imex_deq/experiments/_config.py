@@ -7,6 +7,7 @@ from ._models import SOLVERS, VARIANTS
 ARCHITECTURES = ("dense", "conv")
 BACKWARD = ("gmres", "anderson", "fixed-point", "phantom", "unrolled")
 PRECISIONS = ("float32", "bfloat16")
+LR_SCHEDULES = ("constant", "cosine")
 BASELINES = ("neural-ode", "explicit")
 """Variants without a fixed point: no solver, no Jacobian regularisation, no pretraining."""
 
@@ -32,6 +33,8 @@ class TrainConfig:
     `experiments._parallel`); `distributed` first joins a multi-host run
     (`jax.distributed.initialize`) and implies `data_parallel`. `precision="bfloat16"`
     evaluates the DEQ's f in bfloat16 with float32 parameters and state (`MixedPrecision`).
+    `lr_schedule="cosine"` anneals Adam's step size from `learning_rate` to 0 over the run's
+    `epochs` (the paper's conv runs); `"constant"` keeps it.
     """
 
     model: str = "skip-reg"
@@ -41,6 +44,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 128
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
     seed: int = 0
     skip_weight: float = 0.01
     jac_weight: float = 0.0
@@ -68,6 +72,7 @@ class TrainConfig:
         _check_choice("architecture", self.architecture, ARCHITECTURES)
         _check_choice("backward", self.backward, BACKWARD)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("epochs", "batch_size", "learning_rate", "rtol", "max_steps"):
             _check_positive(name, getattr(self, name))
         for name in ("skip_weight", "jac_weight", "pretrain_steps", "timing_batches", "seed"):

@@ -235,7 +235,8 @@ def finished_run(config: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    stored = summary.get("config", {})
+    # A setting added after the run was written counts as its default.
+    stored = {**dataclasses.asdict(TrainConfig()), **summary.get("config", {})}
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists
     if any(stored.get(k) != v for k, v in wanted.items() if k not in _PRESENTATION_ONLY):
         return None

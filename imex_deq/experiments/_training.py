@@ -88,6 +88,14 @@ def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
     )
 
 
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Adam at `config.learning_rate`, held constant or cosine-annealed to 0 over
+    `total_steps` (`config.lr_schedule`)."""
+    if config.lr_schedule == "cosine":
+        return optax.adam(optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1)))
+    return optax.adam(config.learning_rate)
+
+
 class Trainer(eqx.Module):
     """The jitted functions of one configuration: loss, training step, update, prediction."""
 
@@ -293,7 +301,9 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
     writer = out if is_main_process() else None  # several hosts: process 0 writes, all read
     if writer is not None:
         writer.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, optax.adam(config.learning_rate))
+    per_epoch = num_batches(len(data.x_train), config.batch_size)
+    total_steps = per_epoch * config.epochs
+    trainer = Trainer(config, make_optimizer(config, total_steps))
     if config.resume and (out / CHECKPOINT).exists():
         model, opt_state, meta = _resume(config, data, trainer, out)
     else:
@@ -304,8 +314,6 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
     if mesh is not None:
         model, opt_state = replicate(mesh, (model, opt_state))
     log = _Log(writer)
-    per_epoch = num_batches(len(data.x_train), config.batch_size)
-    total_steps = per_epoch * config.epochs
     eval_points = {
         round(per_epoch * (e + (i + 1) / config.evals_per_epoch))
         for e in range(config.epochs)

@@ -7,7 +7,7 @@ import sys
 
 from ..data import DataError
 from ._checkpoint import CheckpointError
-from ._config import ARCHITECTURES, BACKWARD, PRECISIONS, TrainConfig
+from ._config import ARCHITECTURES, BACKWARD, LR_SCHEDULES, PRECISIONS, TrainConfig
 from ._models import SOLVERS, VARIANTS
 from ._reproduce import EXPERIMENTS, reproduce
 from ._training import train
@@ -19,6 +19,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     add("--dataset", default=d.dataset, help="digits | fashion-mnist | mnist=PATH")
     add("--batch-size", type=int, default=d.batch_size)
     add("--learning-rate", type=float, default=d.learning_rate)
+    add(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=d.lr_schedule,
+        help="constant, or cosine annealing to 0 over all epochs",
+    )
     add("--skip-weight", type=float, default=d.skip_weight, help="λ_skip (paper 0.01)")
     add("--pretrain-steps", type=int, default=d.pretrain_steps)
     add("--pretrain-depth", type=int, default=d.pretrain_depth)
@@ -96,6 +102,7 @@ def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         dataset=args.dataset,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule,
         skip_weight=args.skip_weight,
         pretrain_steps=args.pretrain_steps,
         pretrain_depth=args.pretrain_depth,
