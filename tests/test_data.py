@@ -396,12 +396,14 @@ def test_load_dataset_fashion_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert load_dataset("fashion-mnist").num_train == 6
 
 
-@pytest.mark.parametrize("spec", ["cifar10", "mnist", "mnist=", "digits=3", "", "fashion"])
+@pytest.mark.parametrize(
+    "spec", ["cifar10", "cifar10=", "mnist", "mnist=", "digits=3", "", "fashion"]
+)
 def test_load_dataset_bad_spec(spec: str) -> None:
     with pytest.raises(
         ValueError,
         match=rf"unknown dataset spec {re.escape(repr(spec))}; valid choices: 'digits', "
-        r"'fashion-mnist', 'mnist=PATH'",
+        r"'fashion-mnist', 'mnist=PATH', 'cifar10=PATH'$",
     ):
         load_dataset(spec)
 

@@ -1,4 +1,5 @@
-"""Image classification data sets as NumPy arrays: MNIST-style IDX folders and sklearn digits."""
+"""Image classification data sets as NumPy arrays: MNIST-style IDX folders, sklearn digits, and
+the `load_dataset` spec that names any of them (or CIFAR-10)."""
 
 import dataclasses
 import os
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cifar import load_cifar10
 from ._idx import IMAGES_MAGIC, LABELS_MAGIC, DataError, read_idx
+from ._normalised import Dataset, make_dataset
 
 ENV_VAR = "IMEX_DEQ_DATA"
 """Environment variable naming a folder that holds `fashion-mnist/` (checked first)."""
@@ -27,74 +30,8 @@ IDX_FILES: dict[str, tuple[str, int]] = {
 }
 """The four files of an MNIST-style folder (each may also end in `.gz`) and their magic numbers."""
 
-SPEC_CHOICES = ("digits", "fashion-mnist", "mnist=PATH")
+SPEC_CHOICES = ("digits", "fashion-mnist", "mnist=PATH", "cifar10=PATH")
 """Data set specs accepted by `load_dataset`."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """A normalised image classification data set.
-
-    **Fields:**
-
-    - `x_train`, `x_test`: float32 images shaped `(N, H, W, 1)`, scaled to [0, 1] and then
-      standardised as `(x - mean) / std`.
-    - `y_train`, `y_test`: int32 labels shaped `(N,)`, in `[0, num_classes)`.
-    - `name`: a short name, e.g. `"fashion-mnist"`.
-    - `num_classes`: the number of classes.
-    - `image_shape`: `(H, W, 1)`.
-    - `mean`, `std`: the scalar statistics of the [0, 1]-scaled training images used above.
-    """
-
-    x_train: np.ndarray = dataclasses.field(repr=False)
-    y_train: np.ndarray = dataclasses.field(repr=False)
-    x_test: np.ndarray = dataclasses.field(repr=False)
-    y_test: np.ndarray = dataclasses.field(repr=False)
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: float
-    std: float
-
-    @property
-    def num_train(self) -> int:
-        """Number of training samples."""
-        return int(self.x_train.shape[0])
-
-    @property
-    def num_test(self) -> int:
-        """Number of test samples."""
-        return int(self.x_test.shape[0])
-
-
-def _make_dataset(
-    name: str,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    num_classes: int,
-) -> Dataset:
-    """Standardise [0, 1]-scaled `(N, H, W)` images with the training statistics."""
-    mean = float(np.mean(x_train, dtype=np.float64))
-    std = float(np.std(x_train, dtype=np.float64))
-    if not std > 0.0:
-        raise DataError(f"{name}: training images are constant (std = {std}); cannot normalise")
-
-    def prep(x: np.ndarray) -> np.ndarray:
-        return ((x.astype(np.float32) - np.float32(mean)) / np.float32(std))[..., None]
-
-    return Dataset(
-        x_train=prep(x_train),
-        y_train=y_train.astype(np.int32),
-        x_test=prep(x_test),
-        y_test=y_test.astype(np.int32),
-        name=name,
-        num_classes=num_classes,
-        image_shape=(int(x_train.shape[1]), int(x_train.shape[2]), 1),
-        mean=mean,
-        std=std,
-    )
 
 
 def _idx_candidates(folder: Path, stem: str) -> list[Path]:
@@ -179,11 +116,11 @@ def load_idx_folder(folder: str | os.PathLike[str], name: str, num_classes: int 
             f"image size mismatch: {paths['train_images']} has {train_hw} images but "
             f"{paths['test_images']} has {test_hw}"
         )
-    return _make_dataset(
+    return make_dataset(
         name,
-        arrays["train_images"].astype(np.float32) / 255.0,
+        arrays["train_images"][..., None].astype(np.float32) / 255.0,
         arrays["train_labels"],
-        arrays["test_images"].astype(np.float32) / 255.0,
+        arrays["test_images"][..., None].astype(np.float32) / 255.0,
         arrays["test_labels"],
         num_classes,
     )
@@ -298,7 +235,9 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=test_fraction, random_state=seed, stratify=labels
     )
-    return _make_dataset("digits", x_train, y_train, x_test, y_test, num_classes=10)
+    return make_dataset(
+        "digits", x_train[..., None], y_train, x_test[..., None], y_test, num_classes=10
+    )
 
 
 def _check_limit(limit: int | None, what: str) -> None:
@@ -319,7 +258,8 @@ def load_dataset(
 
     **Arguments:**
 
-    - `spec`: `"digits"`, `"fashion-mnist"`, or `"mnist=PATH"` (a folder of MNIST IDX files).
+    - `spec`: `"digits"`, `"fashion-mnist"`, `"mnist=PATH"` (a folder of MNIST IDX files), or
+      `"cifar10=PATH"` (a folder of CIFAR-10 batches; see `load_cifar10`).
     - `limit_train`, `limit_test`: keep only the first N training / test samples (all of
       them when N exceeds the size). Normalisation statistics come from the full training set,
       so a limited run sees the same inputs as a full one.
@@ -342,6 +282,8 @@ def load_dataset(
         data = load_fashion_mnist()
     elif key == "mnist" and sep and arg:
         data = load_mnist(arg)
+    elif key == "cifar10" and sep and arg:
+        data = load_cifar10(arg)
     else:
         choices = ", ".join(repr(c) for c in SPEC_CHOICES)
         raise ValueError(f"unknown dataset spec {spec!r}; valid choices: {choices}")

@@ -16,7 +16,7 @@ from ._training import train
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add = parser.add_argument
-    add("--dataset", default=d.dataset, help="digits | fashion-mnist | mnist=PATH")
+    add("--dataset", default=d.dataset, help="digits | fashion-mnist | mnist=PATH | cifar10=PATH")
     add("--batch-size", type=int, default=d.batch_size)
     add("--learning-rate", type=float, default=d.learning_rate)
     add(
