@@ -134,13 +134,6 @@ def build_dense_model(
     return Classifier(embed, layer, eqx.nn.Linear(width, num_classes, key=k_head))
 
 
-class _ChannelsFirstStem(eqx.Module):
-    stem: nn.Stem
-
-    def __call__(self, image):
-        return self.stem(jnp.moveaxis(image, -1, 0))
-
-
 def build_conv_model(
     variant: str,
     solver: AbstractSolver,
@@ -151,7 +144,7 @@ def build_conv_model(
     max_steps: int = 50,
 ) -> Classifier:
     """A multiscale (Skip) DEQ classifier from `imex_deq.nn` (e.g. `nn.mnist_conv()`);
-    images arrive channels-last `(H, W, C)`."""
+    images arrive channels-last `(H, W, C)`, as every `imex_deq.nn` module takes them."""
     pieces = nn.build_multiscale_model(config, key, with_predictor=variant == "skip")
     state_shape = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in config.state_shapes)
     layer = _wrap_layer(
@@ -163,4 +156,4 @@ def build_conv_model(
         max_steps=max_steps,
         state_shape=state_shape,
     )
-    return Classifier(_ChannelsFirstStem(pieces.stem), layer, pieces.head)
+    return Classifier(pieces.stem, layer, pieces.head)

@@ -1,11 +1,12 @@
 """Equinox building blocks for (multiscale, Skip) deep equilibrium models.
 
-All modules work on ONE sample with channels-first `(C, H, W)` arrays; batch with
+All modules work on ONE sample with channels-last `(H, W, C)` arrays; batch with
 `jax.vmap`.
 """
 
 from ._blocks import Conv2d as Conv2d
 from ._blocks import ConvNorm as ConvNorm
+from ._blocks import GroupNorm as GroupNorm
 from ._blocks import ResidualBlock as ResidualBlock
 from ._blocks import default_groups as default_groups
 from ._dropout import VariationalDropout as VariationalDropout

@@ -1,10 +1,11 @@
-"""Convolutional building blocks (one sample, channels-first `(C, H, W)`)."""
+"""Convolutional building blocks (one sample, channels-last `(H, W, C)`)."""
 
 import functools
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, PRNGKeyArray
 
 from ._dropout import apply_mask
@@ -28,49 +29,159 @@ def _ungrouped_conv(x, kernel, stride, padding, dilation):
     return _conv_nhwc(x, kernel, stride, padding, dilation, 1)
 
 
-@_ungrouped_conv.defjvp
 def _ungrouped_conv_jvp(stride, padding, dilation, primals, tangents):
-    # Reverse mode transposes the tangent map. JAX's transpose of a convolution in x swaps
+    # Reverse mode transposes this tangent map. JAX's transpose of a convolution in x swaps
     # the kernel's I and O dimension numbers (HWIO -> HWOI), a layout XLA CPU runs on its
     # slow generic path inside loops: 6x the forward's cost in every adjoint iteration.
     # Stating the x-tangent with an I/O-swapped copy of the kernel (HWOI) makes that
-    # transpose a canonical HWIO convolution; the primal stays canonical too.
+    # transpose a canonical HWIO convolution. Symbolic zeros skip the kernel part inside
+    # solver and adjoint loops, where the weights are constants.
     x, kernel = primals
     dx, dkernel = tangents
-    swapped = jnp.transpose(kernel, (0, 1, 3, 2))
-    tangent = _conv_nhwc(dx, swapped, stride, padding, dilation, 1, kernel_spec="HWOI")
-    tangent = tangent + _conv_nhwc(x, dkernel, stride, padding, dilation, 1)
-    return _ungrouped_conv(x, kernel, stride, padding, dilation), tangent
+    y = _ungrouped_conv(x, kernel, stride, padding, dilation)
+    tangent = jnp.zeros_like(y)
+    if not isinstance(dx, SymbolicZero):
+        swapped = jnp.transpose(kernel, (0, 1, 3, 2))
+        tangent += _conv_nhwc(dx, swapped, stride, padding, dilation, 1, kernel_spec="HWOI")
+    if not isinstance(dkernel, SymbolicZero):
+        tangent += _conv_nhwc(x, dkernel, stride, padding, dilation, 1)
+    return y, tangent
 
 
-class Conv2d(eqx.nn.Conv2d):
-    """[`equinox.nn.Conv2d`][] (same parameters, same `(C, H, W)` input and output) that
-    computes in channels-last layout.
+_ungrouped_conv.defjvp(_ungrouped_conv_jvp, symbolic_zeros=True)
 
-    XLA's CPU backend runs a channels-first convolution inside a loop body (every DEQ
-    solver and adjoint loop) on a slow generic path, about 7x slower than outside a loop
-    (jax-ml/jax#12868); channels-last convolutions take the fast path everywhere. For
-    ungrouped convolutions the input gradient is also a canonical channels-last
-    convolution (JAX's own transpose rule lands on the slow path); forward-mode
-    derivatives (`jax.jvp`, used by `NewtonKrylov`) of it are slower instead.
+
+class Conv2d(eqx.Module):
+    """A 2-D convolution on one channels-last `(H, W, C)` sample.
+
+    Parameters are stored as in [`equinox.nn.Conv2d`][] (`weight` is `(out, in / groups,
+    kh, kw)`, so [`equinox.nn.WeightNorm`][] normalises per output channel) and
+    initialised the same way. Channels-last is the layout XLA's CPU backend convolves
+    fastest, inside solver loops too (channels-first convolutions in a loop body take a
+    generic path about 7x slower, jax-ml/jax#12868). For ungrouped convolutions the
+    derivative rule is written so that reverse mode (the adjoint's VJPs and the weight
+    gradient) also lands on fast paths; forward mode (`jax.jvp`) gives the same values.
     """
 
+    weight: Array
+    bias: Array | None
+    stride: tuple[int, int] = eqx.field(static=True)
+    padding: tuple[tuple[int, int], tuple[int, int]] = eqx.field(static=True)
+    dilation: tuple[int, int] = eqx.field(static=True)
+    groups: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        use_bias: bool = True,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_channels`, `out_channels`: channel counts.
+        - `kernel_size`: square kernel size.
+        - `stride`, `padding` (zeros; per side or `((top, bottom), (left, right))`),
+            `dilation`, `groups`: as in [`equinox.nn.Conv2d`][].
+        - `use_bias`: add a per-channel bias.
+        - `key`: PRNG key for the initialisation.
+        """
+        reference = eqx.nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            use_bias=use_bias,
+            key=key,
+        )
+        self.weight = reference.weight
+        self.bias = reference.bias[:, 0, 0] if use_bias else None
+        self.stride = tuple(reference.stride)
+        self.padding = tuple(tuple(pair) for pair in reference.padding)
+        self.dilation = tuple(reference.dilation)
+        self.groups = groups
+
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        """**Arguments:**
+
+        - `x`: a `(H, W, in_channels)` array.
+        - `key`: ignored (for compatibility with Equinox layers).
+
+        **Returns:**
+
+        A `(H', W', out_channels)` array.
+        """
         if x.ndim != 3:
-            raise ValueError(f"Conv2d expects one (C, H, W) sample, got shape {x.shape}.")
-        if self.padding_mode != "ZEROS":
-            raise ValueError(f"Conv2d supports zero padding only, got {self.padding_mode}.")
-        x = jnp.transpose(x, (1, 2, 0))[None]
+            raise ValueError(f"Conv2d expects one (H, W, C) sample, got shape {x.shape}.")
+        in_channels = self.weight.shape[1] * self.groups
+        if x.shape[-1] != in_channels:
+            raise ValueError(
+                f"Conv2d expects {in_channels} input channels (channels last), "
+                f"got an input of shape {x.shape}."
+            )
         kernel = jnp.transpose(self.weight, (2, 3, 1, 0))
-        padding = tuple(tuple(pair) for pair in self.padding)
-        stride, dilation = tuple(self.stride), tuple(self.dilation)
         if self.groups == 1:
-            y = _ungrouped_conv(x, kernel, stride, padding, dilation)[0]
+            y = _ungrouped_conv(x[None], kernel, self.stride, self.padding, self.dilation)[0]
         else:
-            y = _conv_nhwc(x, kernel, stride, padding, dilation, self.groups)[0]
-        if self.use_bias:
-            y = y + self.bias[:, 0, 0][None, None, :]
-        return jnp.transpose(y, (2, 0, 1))
+            y = _conv_nhwc(x[None], kernel, self.stride, self.padding, self.dilation, self.groups)[
+                0
+            ]
+        return y if self.bias is None else y + self.bias.reshape(1, 1, -1)
+
+
+class GroupNorm(eqx.Module):
+    """Group normalisation of one channels-last `(H, W, C)` sample, with a per-channel
+    affine map (weight 1, bias 0 at initialisation), as [`equinox.nn.GroupNorm`][] does
+    for channels-first arrays."""
+
+    groups: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    weight: Array
+    bias: Array
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5):
+        """**Arguments:**
+
+        - `groups`: number of channel groups; must divide `channels`.
+        - `channels`: number of channels.
+        - `eps`: added to the variance.
+        """
+        resolve_groups(channels, groups)
+        self.groups = groups
+        self.eps = eps
+        self.weight = jnp.ones((channels,))
+        self.bias = jnp.zeros((channels,))
+
+    def _group_mean(self, per_channel: Array) -> Array:
+        """Average a `(C,)` vector within each group, broadcast back to `(1, 1, C)`."""
+        grouped = per_channel.reshape(self.groups, -1)
+        return jnp.repeat(jnp.mean(grouped, axis=1), grouped.shape[1]).reshape(1, 1, -1)
+
+    def __call__(self, x: Array) -> Array:
+        """**Arguments:**
+
+        - `x`: a `(H, W, C)` array.
+
+        **Returns:**
+
+        The normalised array, same shape.
+        """
+        # Per-channel means first, then per group: XLA CPU reduces over the leading
+        # (spatial) axes fast, and an (H * W, groups, C / groups) reduction ~5x slower.
+        mean = self._group_mean(jnp.mean(x, axis=(0, 1)))
+        centred = x - mean
+        variance = self._group_mean(jnp.mean(jnp.square(centred), axis=(0, 1)))
+        normalised = centred * jax.lax.rsqrt(variance + self.eps)
+        return normalised * self.weight.reshape(1, 1, -1) + self.bias.reshape(1, 1, -1)
 
 
 Conv = Conv2d | eqx.nn.WeightNorm[Conv2d]
@@ -144,7 +255,7 @@ class ConvNorm(eqx.Module):
     """Convolution -> GroupNorm -> optional ReLU."""
 
     conv: Conv
-    norm: eqx.nn.GroupNorm
+    norm: GroupNorm
     activation: bool = eqx.field(static=True)
 
     def __init__(
@@ -171,17 +282,17 @@ class ConvNorm(eqx.Module):
         self.conv = conv(
             in_channels, out_channels, kernel_size, stride=stride, weight_norm=weight_norm, key=key
         )
-        self.norm = eqx.nn.GroupNorm(groups, out_channels)
+        self.norm = GroupNorm(groups, out_channels)
         self.activation = activation
 
     def __call__(self, x: Array) -> Array:
         """**Arguments:**
 
-        - `x`: a `(in_channels, H, W)` array.
+        - `x`: a `(H, W, in_channels)` array.
 
         **Returns:**
 
-        A `(out_channels, H', W')` array (`H' = ceil(H / stride)`).
+        A `(H', W', out_channels)` array (`H' = ceil(H / stride)`).
         """
         y = self.norm(self.conv(x))
         return jax.nn.relu(y) if self.activation else y
@@ -200,10 +311,10 @@ class ResidualBlock(eqx.Module):
     channels: int = eqx.field(static=True)
     hidden_channels: int = eqx.field(static=True)
     conv1: Conv
-    norm1: eqx.nn.GroupNorm
+    norm1: GroupNorm
     conv2: Conv
-    norm2: eqx.nn.GroupNorm
-    norm3: eqx.nn.GroupNorm
+    norm2: GroupNorm
+    norm3: GroupNorm
 
     def __init__(
         self,
@@ -232,24 +343,24 @@ class ResidualBlock(eqx.Module):
         self.channels = channels
         self.hidden_channels = hidden
         self.conv1 = conv(channels, hidden, 3, weight_norm=weight_norm, key=k1)
-        self.norm1 = eqx.nn.GroupNorm(groups, hidden)
+        self.norm1 = GroupNorm(groups, hidden)
         self.conv2 = conv(hidden, channels, 3, weight_norm=weight_norm, key=k2)
-        self.norm2 = eqx.nn.GroupNorm(groups, channels)
-        self.norm3 = eqx.nn.GroupNorm(groups, channels)
+        self.norm2 = GroupNorm(groups, channels)
+        self.norm3 = GroupNorm(groups, channels)
 
     def __call__(
         self, z: Array, injection: Array | None = None, dropout_mask: Array | None = None
     ) -> Array:
         """**Arguments:**
 
-        - `z`: the `(channels, H, W)` state.
+        - `z`: the `(H, W, channels)` state.
         - `injection`: the input injection, broadcastable to `z`; `None` for none.
         - `dropout_mask`: a fixed [`VariationalDropout`][] mask applied to the
-            second convolution's output (e.g. shape `(channels, 1, 1)`); `None` for none.
+            second convolution's output (e.g. shape `(1, 1, channels)`); `None` for none.
 
         **Returns:**
 
-        A `(channels, H, W)` array.
+        A `(H, W, channels)` array.
         """
         h = jax.nn.relu(self.norm1(self.conv1(z)))
         h = apply_mask(self.conv2(h), dropout_mask)

@@ -10,7 +10,7 @@ How a DEQ uses it:
 
 ```python
 drop = VariationalDropout(0.25)
-mask = drop.sample_mask((channels, 1, 1), key)    # 1. draw before the solve
+mask = drop.sample_mask((1, 1, channels), key)    # 1. draw before the solve
 f = lambda z, args: layer(z, args[0], args[1])    # 2. the mask travels in args
 z_star = solve(f, z0, args=(x, mask))             # 3. every f call: same mask
 ```
@@ -71,8 +71,8 @@ class VariationalDropout(eqx.Module):
         **Arguments:**
 
         - `shape`: the mask's shape; it must broadcast against the activations.
-            Use `(C, 1, 1)` to drop whole channels of a `(C, H, W)` feature map
-            (MDEQ's choice), or `(C, H, W)` to drop single units.
+            Use `(1, 1, C)` to drop whole channels of a `(H, W, C)` feature map
+            (MDEQ's choice), or `(H, W, C)` to drop single units.
         - `key`: the PRNG key. The same key gives the same mask.
         - `dtype`: the mask's floating dtype.
 

@@ -1,14 +1,14 @@
 """Multiscale DEQ (MDEQ, Bai et al. 2020) pieces and the Skip DEQ predictor.
 
-Everything works on ONE sample with channels-first arrays; batch with `jax.vmap`.
-The DEQ state is a tuple with one `(C_i, H_i, W_i)` array per branch, where
+Everything works on ONE sample with channels-last arrays; batch with `jax.vmap`.
+The DEQ state is a tuple with one `(H_i, W_i, C_i)` array per branch, where
 branch `i + 1` has half the spatial size of branch `i` (rounded up).
 
 Typical composition (the DEQ solver lives elsewhere):
 
 ```python
 model = build_multiscale_model(cifar_small(), key)
-x_inj = model.inject(image)                  # (C_1, H_1, W_1)
+x_inj = model.inject(image)                  # (H_1, W_1, C_1)
 z0 = model.predictor(x_inj)                  # Skip DEQ; or model.zero_state(x_inj)
 z_star = solve(model.cell, z0, x_inj)        # fixed point of z = cell(z, x_inj)
 logits = model.classify(z_star)
@@ -32,7 +32,7 @@ Shape3 = tuple[int, int, int]
 
 
 def branch_shapes(channels: Sequence[int], spatial: tuple[int, int]) -> tuple[Shape3, ...]:
-    """The `(C_i, H_i, W_i)` shape of every branch.
+    """The `(H_i, W_i, C_i)` shape of every branch.
 
     **Arguments:**
 
@@ -47,7 +47,7 @@ def branch_shapes(channels: Sequence[int], spatial: tuple[int, int]) -> tuple[Sh
     h, w = spatial
     shapes = []
     for c in channels:
-        shapes.append((c, h, w))
+        shapes.append((h, w, c))
         h, w = -(-h // 2), -(-w // 2)
     return tuple(shapes)
 
@@ -109,11 +109,11 @@ class Downsample(eqx.Module):
     def __call__(self, x: Array) -> Array:
         """**Arguments:**
 
-        - `x`: a `(in_channels, H, W)` array.
+        - `x`: a `(H, W, in_channels)` array.
 
         **Returns:**
 
-        A `(out_channels, H / 2**levels, W / 2**levels)` array (rounded up).
+        A `(H / 2**levels, W / 2**levels, out_channels)` array (rounded up).
         """
         for layer in self.layers:
             x = layer(x)
@@ -150,17 +150,17 @@ class Upsample(eqx.Module):
     def __call__(self, x: Array, size: tuple[int, int]) -> Array:
         """**Arguments:**
 
-        - `x`: a `(in_channels, h, w)` array.
+        - `x`: a `(h, w, in_channels)` array.
         - `size`: the target `(H, W)`; `H <= h * 2**levels` (crops odd sizes).
 
         **Returns:**
 
-        A `(out_channels, H, W)` array; pixel `(a, b)` copies `(a // 2**levels, b // 2**levels)`.
+        A `(H, W, out_channels)` array; pixel `(a, b)` copies `(a // 2**levels, b // 2**levels)`.
         """
         y = self.proj(x)
         factor = 2**self.levels
-        y = jnp.repeat(jnp.repeat(y, factor, axis=1), factor, axis=2)
-        return y[:, : size[0], : size[1]]
+        y = jnp.repeat(jnp.repeat(y, factor, axis=0), factor, axis=1)
+        return y[: size[0], : size[1]]
 
 
 def _fusion_layer(
@@ -250,12 +250,12 @@ class MultiscaleDEQCell(eqx.Module):
 
         **Returns:**
 
-        One `(c_i, 1, 1)` channel mask per branch, or `None` when `dropout == 0`.
+        One `(1, 1, c_i)` channel mask per branch, or `None` when `dropout == 0`.
         """
         if self.dropout.p == 0.0:
             return None
         keys = jax.random.split(key, len(self.channels))
-        return tuple(self.dropout.sample_mask((c, 1, 1), k) for c, k in zip(self.channels, keys))
+        return tuple(self.dropout.sample_mask((1, 1, c), k) for c, k in zip(self.channels, keys))
 
     def _injections(self, x: Array | Sequence[Array | None]) -> tuple[Array | None, ...]:
         n = len(self.channels)
@@ -273,7 +273,7 @@ class MultiscaleDEQCell(eqx.Module):
     ) -> tuple[Array, ...]:
         """**Arguments:**
 
-        - `z`: the state, a tuple of `(c_i, H_i, W_i)` arrays.
+        - `z`: the state, a tuple of `(H_i, W_i, c_i)` arrays.
         - `x`: the injection: one array shaped like `z[0]` (injected into the first
             branch, as MDEQ does), or a tuple with one array (or `None`) per branch.
         - `dropout_masks`: the output of [`MultiscaleDEQCell.sample_dropout_masks`][],
@@ -295,7 +295,7 @@ class MultiscaleDEQCell(eqx.Module):
             for i in range(n):
                 layer = self.fuse[j][i]
                 if isinstance(layer, Upsample):
-                    total = total + layer(ys[i], z[j].shape[1:])
+                    total = total + layer(ys[i], z[j].shape[:2])
                 elif layer is not None:
                     total = total + layer(ys[i])
             total = jax.nn.relu(total)
@@ -346,12 +346,12 @@ class MultiscaleSkipPredictor(eqx.Module):
     def __call__(self, x: Array | Sequence[Array | None]) -> tuple[Array, ...]:
         """**Arguments:**
 
-        - `x`: the injection of the first branch (shape `(c_1, H, W)`), or the
+        - `x`: the injection of the first branch (shape `(H, W, c_1)`), or the
             per-branch tuple given to the cell (only its first entry is used).
 
         **Returns:**
 
-        A tuple of `(c_i, H_i, W_i)` arrays, the same structure as the DEQ state.
+        A tuple of `(H_i, W_i, c_i)` arrays, the same structure as the DEQ state.
         """
         x0 = x[0] if isinstance(x, (tuple, list)) else x
         z = [self.block(x0)]
@@ -400,11 +400,11 @@ class Stem(eqx.Module):
     def __call__(self, x: Array) -> Array:
         """**Arguments:**
 
-        - `x`: a `(in_channels, H, W)` image.
+        - `x`: a `(H, W, in_channels)` image.
 
         **Returns:**
 
-        The `(out_channels, H / 2**downsample_times, W / 2**downsample_times)` injection.
+        The `(H / 2**downsample_times, W / 2**downsample_times, out_channels)` injection.
         """
         for layer in self.layers:
             x = layer(x)
@@ -412,49 +412,79 @@ class Stem(eqx.Module):
 
 
 class ClassificationHead(eqx.Module):
-    """Per-branch (optional 1x1 conv-GN-ReLU) -> global average pool -> concat ->
-    (optional hidden Linear + ReLU) -> Linear to the logits."""
+    """MDEQ's head: optionally project every branch to `head_channels[i]` (1x1
+    conv-GroupNorm-ReLU); walk down from the highest-resolution branch with stride-2 3x3
+    conv-GroupNorm-ReLU layers, adding each lower-resolution branch on the way; one more
+    conv-GroupNorm-ReLU to `final_channels`; then either flatten (keeping the spatial
+    layout, for small images) or average-pool; an optional hidden Linear + ReLU; and the
+    Linear to the logits.
+
+    With `flatten=True` the last layer is a stride-2 3x3 convolution (as in a plain CNN:
+    28 x 28 -> 14 x 14 -> 7 x 7 for MNIST), otherwise a 1x1 convolution (MDEQ's final
+    layer before pooling).
+    """
 
     projections: tuple[ConvNorm, ...] | None
+    downs: tuple[ConvNorm, ...]
+    final: ConvNorm
     hidden: eqx.nn.Linear | None
     output: eqx.nn.Linear
+    flatten: bool = eqx.field(static=True)
 
     def __init__(
         self,
-        channels: Sequence[int],
+        state_shapes: Sequence[Shape3],
         num_classes: int,
         *,
+        final_channels: int,
         head_channels: Sequence[int] | None = None,
+        flatten: bool = False,
         hidden_features: int | None = None,
         groups: int | None = None,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
 
-        - `channels`: channels per branch of the state.
+        - `state_shapes`: the `(H_i, W_i, C_i)` shape of every branch (`branch_shapes`).
         - `num_classes`: number of logits.
-        - `head_channels`: per-branch width of a 1x1 projection before pooling;
-            `None` pools the state directly.
+        - `final_channels`: channels of the last convolution.
+        - `head_channels`: per-branch widths of 1x1 projections applied first (MDEQ's
+            bottleneck widths); `None` walks down the state's own channels.
+        - `flatten`: flatten the last feature map instead of average-pooling it.
         - `hidden_features`: width of a hidden Linear layer; `None` for none.
-        - `groups`: GroupNorm groups of the projections; `None` for the default.
+        - `groups`: GroupNorm groups; `None` for the default.
         - `key`: PRNG key.
         """
-        channels = tuple(channels)
-        kp, kh, ko = jax.random.split(key, 3)
-        if head_channels is not None:
+        shapes = tuple(tuple(s) for s in state_shapes)
+        kp, kd, kf, kh, ko = jax.random.split(key, 5)
+        channels = [c for _, _, c in shapes]
+        if head_channels is None:
+            self.projections = None
+        else:
             head_channels = tuple(head_channels)
-            if len(head_channels) != len(channels):
+            if len(head_channels) != len(shapes):
                 raise ValueError(
                     f"head_channels={head_channels} needs one entry per branch {channels}"
                 )
             self.projections = tuple(
                 ConvNorm(c, h, 1, groups=groups, key=k)
-                for c, h, k in zip(channels, head_channels, jax.random.split(kp, len(channels)))
+                for c, h, k in zip(channels, head_channels, jax.random.split(kp, len(shapes)))
             )
-            features = sum(head_channels)
+            channels = list(head_channels)
+        self.downs = tuple(
+            ConvNorm(channels[i], channels[i + 1], 3, stride=2, groups=groups, key=k)
+            for i, k in zip(range(len(shapes) - 1), jax.random.split(kd, max(len(shapes) - 1, 1)))
+        )
+        kernel, stride = (3, 2) if flatten else (1, 1)
+        self.final = ConvNorm(
+            channels[-1], final_channels, kernel, stride=stride, groups=groups, key=kf
+        )
+        self.flatten = flatten
+        if flatten:
+            h, w, _ = shapes[-1]
+            features = -(-h // 2) * -(-w // 2) * final_channels
         else:
-            self.projections = None
-            features = sum(channels)
+            features = final_channels
         if hidden_features is not None:
             self.hidden = eqx.nn.Linear(features, hidden_features, key=kh)
             features = hidden_features
@@ -465,15 +495,19 @@ class ClassificationHead(eqx.Module):
     def __call__(self, z: Sequence[Array]) -> Array:
         """**Arguments:**
 
-        - `z`: the (equilibrium) state, a tuple of `(c_i, H_i, W_i)` arrays.
+        - `z`: the (equilibrium) state, a tuple of `(H_i, W_i, c_i)` arrays.
 
         **Returns:**
 
         The `(num_classes,)` logits.
         """
         if self.projections is not None:
-            z = [proj(zi) for proj, zi in zip(self.projections, z)]
-        features = jnp.concatenate([jnp.mean(zi, axis=(1, 2)) for zi in z])
+            z = [projection(zi) for projection, zi in zip(self.projections, z)]
+        y = z[0]
+        for down, zi in zip(self.downs, z[1:]):
+            y = down(y) + zi
+        y = self.final(y)
+        features = jnp.ravel(y) if self.flatten else jnp.mean(y, axis=(0, 1))
         if self.hidden is not None:
             features = jax.nn.relu(self.hidden(features))
         return self.output(features)
@@ -497,6 +531,9 @@ class MultiscaleConfig:
     - `downsample_times`: stride-2 convolutions in the stem (0, 1 or 2).
     - `stem_channels`: width of the stem's 3x3 convolutions (`None`: `channels[0]`).
     - `head_channels`: per-branch 1x1 projection widths of the head (`None`: none).
+    - `head_final_channels`: channels of the head's last convolution.
+    - `head_flatten`: flatten the head's last feature map (keeps the spatial layout;
+      for small images) instead of average-pooling it.
     - `head_features`: hidden Linear width of the head (`None`: none).
     """
 
@@ -512,6 +549,8 @@ class MultiscaleConfig:
     downsample_times: int = 0
     stem_channels: int | None = None
     head_channels: tuple[int, ...] | None = None
+    head_final_channels: int = 64
+    head_flatten: bool = False
     head_features: int | None = None
 
     def __post_init__(self):
@@ -531,7 +570,7 @@ class MultiscaleConfig:
 
     @property
     def state_shapes(self) -> tuple[Shape3, ...]:
-        """The `(C_i, H_i, W_i)` shape of every branch of the DEQ state."""
+        """The `(H_i, W_i, C_i)` shape of every branch of the DEQ state."""
         h, w = self.image_size
         for _ in range(self.downsample_times):
             h, w = -(-h // 2), -(-w // 2)
@@ -539,18 +578,21 @@ class MultiscaleConfig:
 
 
 def mnist_conv() -> MultiscaleConfig:
-    """Pal et al.'s MNIST conv model: branches 8 x 28 x 28 and 16 x 14 x 14, input 1 x 28 x 28.
+    """Pal et al.'s MNIST conv model: branches 28 x 28 x 8 and 14 x 14 x 16, input
+    28 x 28 x 1.
 
-    Their head (bottleneck blocks to 32/64 channels, a 200-wide layer) is
-    approximated by 1x1 projections to (32, 64) and a 200-wide hidden Linear layer.
+    The head walks down the branches like MDEQ's (28 -> 14 with a stride-2 conv, plus
+    the second branch, then 14 -> 7 to 32 channels) and flattens the 7 x 7 x 32 map into
+    the classifier, as a plain CNN of this size does: pooling there would throw away the
+    spatial layout the classes differ by.
     """
     return MultiscaleConfig(
         channels=(8, 16),
         image_size=(28, 28),
         in_channels=1,
         expansion=1,
-        head_channels=(32, 64),
-        head_features=200,
+        head_final_channels=32,
+        head_flatten=True,
     )
 
 
@@ -558,10 +600,9 @@ def cifar_small() -> MultiscaleConfig:
     """Pal et al.'s small CIFAR-10 model (MDEQ-TINY-like; ~164K parameters in the paper).
 
     2 branches of 24 channels at 32 x 32 and 16 x 16, expansion 5, dropout 0.25.
-    The stem, cell (~112K) and Skip predictor (~58K) match the paper's code; its
-    head (bottleneck blocks, a stride-2 3x3 conv, a 1x1 conv to 200, ~50K) is
-    replaced by our pooled head with the same widths (~24K), so the vanilla
-    model has ~142K parameters (and ~200K with the Skip predictor).
+    The stem, cell (~112K) and Skip predictor (~58K) match the paper's code; the head
+    walks down the branches as MDEQ's does (1x1 projections to 32 and 64 channels in
+    place of its bottleneck blocks, a stride-2 3x3 conv, a 1x1 conv to 200, pooling).
     """
     return MultiscaleConfig(
         channels=(24, 24),
@@ -569,7 +610,7 @@ def cifar_small() -> MultiscaleConfig:
         expansion=5,
         dropout=0.25,
         head_channels=(32, 64),
-        head_features=200,
+        head_final_channels=200,
     )
 
 
@@ -577,9 +618,9 @@ def cifar_large() -> MultiscaleConfig:
     """Pal et al.'s large CIFAR-10 model (MDEQ-LARGE; ~10.6M parameters in the paper).
 
     4 branches of 32/64/128/256 channels, expansion 5, dropout 0.3. The cell
-    (~8.7M) is MDEQ's; the pooled head (1x1 projections to 4 x (14, 28, 56, 112)
-    channels, a 1680-wide hidden layer) is a little smaller than MDEQ's
-    bottleneck head, giving ~10.3M for the vanilla model.
+    (~8.7M) is MDEQ's; the head is MDEQ's with 1x1 projections in place of its
+    bottleneck blocks (widths 56/112/224/448, stride-2 3x3 convs between them, a 1x1
+    conv to 1024, pooling).
     """
     return MultiscaleConfig(
         channels=(32, 64, 128, 256),
@@ -587,7 +628,7 @@ def cifar_large() -> MultiscaleConfig:
         expansion=5,
         dropout=0.3,
         head_channels=(56, 112, 224, 448),
-        head_features=1680,
+        head_final_channels=1024,
     )
 
 
@@ -595,12 +636,9 @@ def imagenet_small() -> MultiscaleConfig:
     """MDEQ-SMALL for ImageNet (~18M parameters in the papers).
 
     224 x 224 input; a 64-wide stem down-samples twice to 56 x 56; 4 branches of
-    32/64/128/256 channels, expansion 5; 1000 classes. The cell is MDEQ's exactly.
-    MDEQ's head (bottleneck blocks to 4 x (24, 48, 96, 192) channels, a chain of
-    stride-2 3x3 convs between them, a 1x1 conv to 2048, pooling) holds ~8M
-    parameters, mostly in those 3x3 convs; our pooled head replaces it with
-    1x1 projections to the same widths and a 3072-wide hidden Linear layer
-    (~7.8M), so the total stays within ~10% of the paper's.
+    32/64/128/256 channels, expansion 5; 1000 classes. The cell is MDEQ's exactly; the
+    head is MDEQ's with 1x1 projections (widths 96/192/384/768) in place of its
+    bottleneck blocks, stride-2 3x3 convs between them, a 1x1 conv to 2048, pooling.
     """
     return MultiscaleConfig(
         channels=(32, 64, 128, 256),
@@ -610,7 +648,7 @@ def imagenet_small() -> MultiscaleConfig:
         downsample_times=2,
         stem_channels=64,
         head_channels=(96, 192, 384, 768),
-        head_features=3072,
+        head_final_channels=2048,
     )
 
 
@@ -630,7 +668,7 @@ class MultiscaleModel(eqx.Module):
     def inject(self, x: Array) -> Array:
         """**Arguments:**
 
-        - `x`: a `(in_channels, H, W)` image.
+        - `x`: a `(H, W, in_channels)` image.
 
         **Returns:**
 
@@ -647,7 +685,7 @@ class MultiscaleModel(eqx.Module):
 
         The all-zeros state (a vanilla DEQ's initial guess), one array per branch.
         """
-        shapes = branch_shapes(self.cell.channels, injection.shape[1:])
+        shapes = branch_shapes(self.cell.channels, injection.shape[:2])
         return tuple(jnp.zeros(s, injection.dtype) for s in shapes)
 
     def classify(self, z: Sequence[Array]) -> Array:
@@ -705,9 +743,11 @@ def build_multiscale_model(
         else None
     )
     head = ClassificationHead(
-        c.channels,
+        c.state_shapes,
         c.num_classes,
+        final_channels=c.head_final_channels,
         head_channels=c.head_channels,
+        flatten=c.head_flatten,
         hidden_features=c.head_features,
         groups=c.groups,
         key=kh,
