@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test docs bench clean
+.PHONY: venv demo test docs notebooks bench clean
 
 $(BIN)/imex-deq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: venv
 
 docs: venv
 	$(BIN)/mkdocs build --strict
+
+# Execute every tutorial notebook's source (notebooks/*.py) in a fresh kernel and store it,
+# outputs and figures included, as notebooks/*.ipynb (see notebooks/README.md).
+notebooks: venv
+	$(BIN)/python scripts/execute_notebooks.py
 
 bench: venv
 	$(BIN)/python scripts/bench_solvers.py

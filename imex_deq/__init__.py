@@ -16,6 +16,7 @@ from ._neural_ode import NeuralODE as NeuralODE
 from ._precision import MixedPrecision as MixedPrecision
 from ._regularisers import jacobian_regularisation as jacobian_regularisation
 from ._regularisers import skip_loss as skip_loss
+from ._residual_trace import residual_trace as residual_trace
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solution import residual_norm as residual_norm

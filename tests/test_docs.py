@@ -1,5 +1,6 @@
 """The documentation site: `mkdocs build --strict` succeeds, the API reference documents every
-public name of the package, and the code on the front page runs."""
+public name of the package, the tutorial notebooks are pages with their figures, and the
+code on the front page runs."""
 
 import inspect
 import os
@@ -84,6 +85,16 @@ def test_api_reference_documents_every_public_name(site, module):
         f"not in the API reference: {missing}; add `::: {module.__name__}.NAME` to the "
         "matching page in docs/api/"
     )
+
+
+def test_tutorial_notebooks_are_pages_with_their_figures(site):
+    """mkdocs-jupyter renders each notebooks/*.ipynb (outputs stored, not re-executed)."""
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for notebook in notebooks:
+        html = (site / "notebooks" / notebook.stem / "index.html").read_text()
+        assert 'class="jupyter-wrapper"' in html, notebook.name
+        assert "data:image/png;base64," in html, f"{notebook.name}: no figure on its page"
 
 
 def test_method_page_has_rendered_math(site):

@@ -1,105 +1,87 @@
-"""The tutorial notebooks: stored without outputs, in sync with their generator, and each one
-runs top to bottom without an error.
+"""The tutorial notebooks: each `notebooks/NAME.ipynb` holds the same cells as its jupytext
+source `notebooks/NAME.py`, is stored executed (outputs and figures included, so GitHub and
+the docs site show them), and the source runs top to bottom without an error.
 
-Each notebook is executed by nbclient in a child process, in a fresh IPython kernel started
-with this interpreter (`sys.executable`, i.e. the project's virtual environment), so it sees
-the same installed packages as the tests and a `python3` kernel registered elsewhere on the
-machine is never picked up. The child process keeps the kernel's ZeroMQ plumbing (and its
-sockets' clean-up warnings) out of the test process. Every notebook trains tiny models on
-scikit-learn's bundled digits and takes about a minute or two on a laptop CPU.
+Each notebook is executed by `scripts/execute_notebooks.py` in a child process, in a fresh
+IPython kernel started with this interpreter (`sys.executable`, i.e. the project's virtual
+environment), so it sees the same installed packages as the tests and a `python3` kernel
+registered elsewhere on the machine is never picked up. The child process keeps the
+kernel's ZeroMQ plumbing (and its sockets' clean-up warnings) out of the test process.
+Every notebook trains tiny models on scikit-learn's bundled digits and takes about a minute
+or two on a laptop CPU.
 
-Set IMEX_DEQ_NOTEBOOK_OUTPUTS to a folder to keep the executed notebooks (with outputs and
-figures) there.
+Set IMEX_DEQ_NOTEBOOK_OUTPUTS to a folder to keep the notebooks executed here (with outputs
+and figures) there. To refresh the stored notebooks, run `make notebooks`.
 """
 
 import os
-import runpy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-GENERATOR = ROOT / "docs" / "_tools" / "make_notebooks.py"
+EXECUTE = ROOT / "scripts" / "execute_notebooks.py"
 EXPECTED = (
-    "01_quickstart.ipynb",
-    "02_skip_deq.ipynb",
-    "03_continuous_vs_neural_ode.ipynb",
-    "04_custom_models.ipynb",
-    "05_failure_modes.ipynb",
+    "01_quickstart",
+    "02_skip_deq",
+    "03_continuous_vs_neural_ode",
+    "04_custom_models",
+    "05_failure_modes",
 )
-NOTEBOOKS = [NOTEBOOK_DIR / name for name in EXPECTED]
 CELL_TIMEOUT_S = 600
 NOTEBOOK_TIMEOUT_S = 1200
 
-# Runs in the child process: python -c RUNNER NOTEBOOK WORKDIR EXECUTED_COPY
-RUNNER = r"""
-import json, sys, time
-from pathlib import Path
 
-import nbformat
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
-
-notebook, workdir, executed, cell_timeout = sys.argv[1:5]
-workdir = Path(workdir)
-spec = workdir / "kernels" / "imex-deq-tests"
-spec.mkdir(parents=True)
-(spec / "kernel.json").write_text(json.dumps({
-    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-    "display_name": "imex-deq tests",
-    "language": "python",
-}))
-specs = KernelSpecManager(kernel_dirs=[str(spec.parent)], ensure_native_kernel=False)
-nb = nbformat.read(notebook, as_version=4)
-client = NotebookClient(
-    nb,
-    km=KernelManager(kernel_name="imex-deq-tests", kernel_spec_manager=specs),
-    timeout=int(cell_timeout),
-    allow_errors=False,
-    resources={"metadata": {"path": str(workdir)}},  # files a notebook writes stay here
-)
-start = time.perf_counter()
-try:
-    client.execute()  # raises CellExecutionError, naming the cell, on the first error
-finally:
-    nbformat.write(nb, executed)
-print(f"executed {Path(notebook).name} in {time.perf_counter() - start:.1f} s")
-"""
+def cells(nb) -> list[tuple[str, str]]:
+    return [(cell.cell_type, cell.source) for cell in nb.cells]
 
 
-def test_all_tutorial_notebooks_exist():
-    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(EXPECTED)
+def read_source(name: str):
+    return jupytext.read(NOTEBOOK_DIR / f"{name}.py", fmt="py:percent")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_stored_without_outputs(path):
-    nb = nbformat.read(path, as_version=4)
+def read_stored(name: str):
+    return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+
+
+def test_every_tutorial_has_a_source_and_a_stored_notebook():
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.py")) == sorted(EXPECTED)
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_stored_notebook_matches_its_source(name):
+    """A change to one side only (the .py edited but not re-executed, or the .ipynb edited
+    in Jupyter without pairing) would make GitHub and the docs show stale code."""
+    assert cells(read_stored(name)) == cells(read_source(name)), (
+        f"notebooks/{name}.ipynb differs from notebooks/{name}.py; re-execute it with "
+        f"`make notebooks` (or `jupytext --sync notebooks/{name}.ipynb` if you edited the "
+        ".ipynb)"
+    )
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_stored_notebook_is_executed_with_figures(name):
+    nb = read_stored(name)
     nbformat.validate(nb)
-    for index, cell in enumerate(nb.cells):
-        if cell.cell_type == "code":
-            assert cell.outputs == [], f"{path.name}: cell {index} has stored outputs"
-            assert cell.execution_count is None, f"{path.name}: cell {index} has a count"
-
-
-def test_notebooks_match_their_generator():
-    """notebooks/*.ipynb are generated by docs/_tools/make_notebooks.py; a hand edit of one
-    side only would be lost or undone on the next regeneration."""
-    generator = runpy.run_path(str(GENERATOR))
-    builders = generator["NOTEBOOK_BUILDERS"]
-    assert sorted(builders) == sorted(EXPECTED)
-    for name, build in builders.items():
-        stored = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-        generated = [(c.cell_type, c.source) for c in build()]
-        assert [(c.cell_type, c.source) for c in stored.cells] == generated, (
-            f"{name} differs from docs/_tools/make_notebooks.py; regenerate with "
-            "`.venv/bin/python docs/_tools/make_notebooks.py`"
-        )
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    counts = [cell.execution_count for cell in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{name}.ipynb is not stored from one top-to-bottom run (execution counts {counts}); "
+        "run `make notebooks`"
+    )
+    errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    assert not errors, f"{name}.ipynb is stored with an error output"
+    for index, cell in enumerate(code):
+        if "plt.show()" in cell.source:
+            kinds = [o.get("data", {}).keys() for o in cell.outputs]
+            assert any("image/png" in k for k in kinds), f"{name}: code cell {index} has no figure"
 
 
 def notebook_environment() -> dict[str, str]:
@@ -120,17 +102,19 @@ def notebook_environment() -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_without_error(path, tmp_path):
-    executed = tmp_path / path.name
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_runs_without_error(name, tmp_path):
+    out = tmp_path / "executed"
     result = subprocess.run(
         [
             sys.executable,
-            "-c",
-            RUNNER,
-            str(path),
+            str(EXECUTE),
+            str(NOTEBOOK_DIR / f"{name}.py"),
+            "--out",
+            str(out),
+            "--workdir",
             str(tmp_path),
-            str(executed),
+            "--cell-timeout",
             str(CELL_TIMEOUT_S),
         ],
         check=False,
@@ -140,17 +124,16 @@ def test_notebook_runs_without_error(path, tmp_path):
         text=True,
         timeout=NOTEBOOK_TIMEOUT_S,
     )
+    executed = out / f"{name}.ipynb"
     keep = os.environ.get("IMEX_DEQ_NOTEBOOK_OUTPUTS")
     if keep and executed.exists():
         Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(executed, Path(keep) / path.name)
+        shutil.copy(executed, Path(keep) / executed.name)
     assert result.returncode == 0, (
-        f"{path.name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        f"{name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     )
     nb = nbformat.read(executed, as_version=4)
-    code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert all(cell.execution_count is not None for cell in code_cells), "a cell did not run"
-    errors = [o for cell in code_cells for o in cell.outputs if o.output_type == "error"]
-    assert not errors
-    last_output = "".join(o.get("text", "") for o in code_cells[-1].outputs)
-    assert "notebook run time" in last_output, f"{path.name} did not reach its last cell"
+    assert cells(nb) == cells(read_source(name))
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code), "a cell did not run"
+    assert not [o for cell in code for o in cell.outputs if o.output_type == "error"]

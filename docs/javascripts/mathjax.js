@@ -1,14 +1,16 @@
-// MathJax configuration for pymdownx.arithmatex (generic mode).
+// MathJax configuration for pymdownx.arithmatex (generic mode) and for the tutorial
+// notebooks, which mkdocs-jupyter renders inside a .jupyter-wrapper element with their
+// markdown's $...$ and $$...$$ left as written.
 window.MathJax = {
   tex: {
-    inlineMath: [["\\(", "\\)"]],
-    displayMath: [["\\[", "\\]"]],
+    inlineMath: [["\\(", "\\)"], ["$", "$"]],
+    displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true,
   },
   options: {
     ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex",
+    processHtmlClass: "arithmatex|jupyter-wrapper",
   },
 };
 
