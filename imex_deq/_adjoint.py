@@ -133,9 +133,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     - `max_steps`: step cap for an iterative `linear_solver`.
     """
 
-    linear_solver: lx.GMRES | AbstractIterativeSolver = eqx.field(
-        default_factory=_default_gmres
-    )
+    linear_solver: lx.GMRES | AbstractIterativeSolver = eqx.field(default_factory=_default_gmres)
     max_steps: int = eqx.field(default=50, static=True)
 
     def __check_init__(self):
@@ -176,7 +174,9 @@ def _materialise(grad: State | None, like: State) -> State:
     if grad is None:
         return jax.tree_util.tree_map(jnp.zeros_like, like)
     return jax.tree_util.tree_map(
-        lambda g, z: jnp.zeros_like(z) if g is None else g, grad, like,
+        lambda g, z: jnp.zeros_like(z) if g is None else g,
+        grad,
+        like,
         is_leaf=lambda g: g is None,
     )
 

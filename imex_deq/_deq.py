@@ -29,6 +29,8 @@ class DEQInfo(eqx.Module):
     - `nfe`: forward function evaluations.
     - `steps`: solver steps.
     - `result`: a `RESULTS` code.
+    - `dropout_masks`: the variational-dropout masks f was solved with (`None` without
+      dropout); Jacobian regularisation reuses them.
     """
 
     z0: State
@@ -37,15 +39,42 @@ class DEQInfo(eqx.Module):
     nfe: Int[Array, ""]
     steps: Int[Array, ""]
     result: RESULTS
+    dropout_masks: PyTree[Array] | None = None
 
 
 class _Apply(eqx.Module):
-    """`fn(z, x) = f(z, x)` as a PyTree, so the adjoint sees f's parameters."""
+    """`fn(z, x) = f(z, x)`, or `f(z, x, dropout_masks)`, as a PyTree, so the adjoint sees
+    f's parameters and every evaluation sees the same masks."""
 
     f: Callable
+    dropout_masks: PyTree[Array] | None = None
 
     def __call__(self, z, x):
-        return self.f(z, x)
+        if self.dropout_masks is None:
+            return self.f(z, x)
+        return self.f(z, x, self.dropout_masks)
+
+
+def has_dropout(f: Callable) -> bool:
+    """Whether `f` follows the variational-dropout protocol with a non-zero rate: it has
+    `dropout_rate` (a float) and `sample_dropout_masks(key)`, and takes the masks as a
+    third argument, `f(z, x, masks)` (`imex_deq.nn.MultiscaleDEQCell` does)."""
+    return hasattr(f, "sample_dropout_masks") and getattr(f, "dropout_rate", 0.0) > 0.0
+
+
+def draw_dropout_masks(
+    f: Callable, key: PRNGKeyArray | None, inference: bool, layer: str
+) -> PyTree[Array] | None:
+    """One solve's variational-dropout masks (see `has_dropout`), or `None` when f has no
+    dropout or `inference` is set; a clear error when a training call forgets the key."""
+    if inference or not has_dropout(f):
+        return None
+    if key is None:
+        raise ValueError(
+            f"{layer}: f has variational dropout (rate {f.dropout_rate}); pass key=... to "
+            "draw this solve's mask, or inference=True to evaluate without dropout."
+        )
+    return f.sample_dropout_masks(key)
 
 
 class AbstractDEQ(eqx.Module):
@@ -84,8 +113,8 @@ class AbstractDEQ(eqx.Module):
             )
 
     @abc.abstractmethod
-    def initial_guess(self, x: PyTree[Array]) -> State:
-        """z0 for input x."""
+    def initial_guess(self, fn: Callable, x: PyTree[Array]) -> State:
+        """z0 for input x; `fn(z, x)` is f with this solve's dropout masks bound."""
 
     def zero_state(self, x: PyTree[Array]) -> State:
         """Zeros shaped like the state (`state_shape`, else like x)."""
@@ -93,12 +122,28 @@ class AbstractDEQ(eqx.Module):
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
 
     def __call__(
-        self, x: PyTree[Array], *, backward_counter: Float[Array, ""] | None = None
+        self,
+        x: PyTree[Array],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+        backward_counter: Float[Array, ""] | None = None,
     ) -> tuple[State, DEQInfo]:
-        """Returns `(z*, info)`. Differentiate with respect to `backward_counter` (a scalar
-        zero) to read the backward NFE."""
-        z0 = self.initial_guess(x)
-        fn = _Apply(self.f)
+        """Returns `(z*, info)`.
+
+        **Arguments:**
+
+        - `x`: one input sample.
+        - `key`: draws f's variational-dropout mask, one per solve, shared by every
+          iteration and by the adjoint (as `equinox.nn.Dropout` takes a key). Required
+          when f has dropout, unless `inference=True`.
+        - `inference`: switch dropout off.
+        - `backward_counter`: a scalar zero; differentiate with respect to it to read the
+          backward NFE.
+        """
+        masks = draw_dropout_masks(self.f, key, inference, type(self).__name__)
+        fn = _Apply(self.f, masks)
+        z0 = self.initial_guess(fn, x)
         if self.fixed_depth is None:
             sol = fixed_point(
                 fn,
@@ -112,7 +157,7 @@ class AbstractDEQ(eqx.Module):
             )
         else:
             sol = self._unroll(fn, z0, x, backward_counter)
-        info = DEQInfo(z0, sol.value, sol.residual, sol.nfe, sol.num_steps, sol.result)
+        info = DEQInfo(z0, sol.value, sol.residual, sol.nfe, sol.num_steps, sol.result, masks)
         return sol.value, info
 
     def _unroll(self, fn, z0, x, backward_counter) -> Solution:
@@ -138,8 +183,9 @@ class AbstractDEQ(eqx.Module):
     def jacobian_regularisation(
         self, x: PyTree[Array], info: DEQInfo, *, key: PRNGKeyArray
     ) -> Float[Array, ""]:
-        """`jacobian_regularisation(self.f, info.z_star, x, key=key)`."""
-        return jacobian_regularisation(self.f, info.z_star, x, key=key)
+        """`jacobian_regularisation(f, info.z_star, x, key=key)`, with the dropout masks
+        the solve used."""
+        return jacobian_regularisation(_Apply(self.f, info.dropout_masks), info.z_star, x, key=key)
 
 
 class DEQ(AbstractDEQ):
@@ -162,7 +208,7 @@ class DEQ(AbstractDEQ):
     f: Callable
     solver: AbstractSolver
 
-    def initial_guess(self, x):
+    def initial_guess(self, fn, x):
         return self.zero_state(x)
 
 
@@ -181,7 +227,7 @@ class SkipDEQ(AbstractDEQ):
     predictor: Callable
     solver: AbstractSolver
 
-    def initial_guess(self, x):
+    def initial_guess(self, fn, x):
         return self.predictor(x)
 
 
@@ -198,8 +244,8 @@ class SkipRegDEQ(AbstractDEQ):
     f: Callable
     solver: AbstractSolver
 
-    def initial_guess(self, x):
-        return self.f(self.zero_state(x), x)
+    def initial_guess(self, fn, x):
+        return fn(self.zero_state(x), x)
 
 
 def with_fixed_depth(model: PyTree, depth: int | None) -> PyTree:

@@ -6,10 +6,10 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._adjoint import tally_backward_nfe
-from ._deq import DEQInfo
+from ._deq import DEQInfo, _Apply, draw_dropout_masks
 from ._fixed_point import check_state
 from ._solution import RESULTS
 from ._solvers._steady_state_ode import ode_stage_count, ode_startup_count
@@ -60,12 +60,20 @@ class NeuralODE(eqx.Module):
             raise ValueError(f"NeuralODE: t1 must be positive, got {self.t1}.")
 
     def __call__(
-        self, x: PyTree[Array], *, backward_counter: Float[Array, ""] | None = None
+        self,
+        x: PyTree[Array],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+        backward_counter: Float[Array, ""] | None = None,
     ) -> tuple[PyTree[Array], DEQInfo]:
-        """Returns `(z(t1), info)`; `info.residual` is NaN (there is no fixed point)."""
+        """Returns `(z(t1), info)`; `info.residual` is NaN (there is no fixed point).
+        `key` and `inference` control f's variational dropout, as for the DEQ layers."""
         like = x if self.state_shape is None else self.state_shape
         z0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
-        check_state(lambda z, x: self.f(z, x), z0, x)
+        masks = draw_dropout_masks(self.f, key, inference, "NeuralODE")
+        f = _Apply(self.f, masks)
+        check_state(f, z0, x)
         sol = dfx.diffeqsolve(
             dfx.ODETerm(_Field()),
             self.ode_solver,
@@ -73,7 +81,7 @@ class NeuralODE(eqx.Module):
             t1=self.t1,
             dt0=None,
             y0=z0,
-            args=(self.f, x),
+            args=(f, x),
             stepsize_controller=dfx.PIDController(rtol=self.rtol, atol=self.atol),
             saveat=dfx.SaveAt(t1=True),
             max_steps=self.max_steps,
@@ -96,4 +104,4 @@ class NeuralODE(eqx.Module):
             ),
         )
         residual = jnp.array(jnp.nan, jax.tree_util.tree_leaves(z1)[0].dtype)
-        return z1, DEQInfo(z0, z1, residual, nfe, steps, result)
+        return z1, DEQInfo(z0, z1, residual, nfe, steps, result, masks)

@@ -28,9 +28,7 @@ def skip_loss(info, weight: float = 0.01) -> Float[Array, ""]:
     """
     total = sum(
         jnp.sum(jnp.abs(a - b))
-        for a, b in zip(
-            jax.tree_util.tree_leaves(info.z_star), jax.tree_util.tree_leaves(info.z0)
-        )
+        for a, b in zip(jax.tree_util.tree_leaves(info.z_star), jax.tree_util.tree_leaves(info.z0))
     )
     return weight * total / _tree_size(info.z_star)
 

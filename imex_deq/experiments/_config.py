@@ -4,7 +4,9 @@ import dataclasses
 
 from ._models import SOLVERS, VARIANTS
 
-ARCHITECTURES = ("dense", "conv")
+ARCHITECTURES = ("dense", "conv", "cifar-small", "cifar-large")
+"""`conv` is the paper's MNIST-conv model (`nn.mnist_conv`); the CIFAR ones are its CIFAR-10
+models (`nn.cifar_small`, `nn.cifar_large`)."""
 BACKWARD = ("gmres", "anderson", "fixed-point", "phantom", "unrolled")
 PRECISIONS = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -48,6 +50,8 @@ class TrainConfig:
     seed: int = 0
     skip_weight: float = 0.01
     jac_weight: float = 0.0
+    jac_prob: float = 1.0
+    augment: bool = False
     pretrain_steps: int = 0
     pretrain_depth: int = 5
     rtol: float = 5e-3
@@ -79,6 +83,8 @@ class TrainConfig:
             _check_positive(name, getattr(self, name), allow_zero=True)
         for name in ("pretrain_depth", "evals_per_epoch", "checkpoint_every"):
             _check_positive(name, getattr(self, name))
+        if not 0.0 < self.jac_prob <= 1.0:
+            raise ValueError(f"jac_prob must lie in (0, 1], got {self.jac_prob}.")
         if self.model in BASELINES and (self.jac_weight or self.pretrain_steps):
             raise ValueError(
                 f"the {self.model} baseline has no fixed point: jac_weight and pretrain_steps "

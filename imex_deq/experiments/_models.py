@@ -69,15 +69,26 @@ class Classifier(eqx.Module):
     head: Callable
 
     def forward(
-        self, image: Array, *, backward_counter: Float[Array, ""] | None = None
+        self,
+        image: Array,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+        backward_counter: Float[Array, ""] | None = None,
     ) -> tuple[Array, DEQInfo, Array]:
-        """Returns `(logits, info, injection)`; the injection feeds Jacobian regularisation."""
+        """Returns `(logits, info, injection)`; the injection feeds Jacobian regularisation.
+        `key` draws the layer's dropout mask (needed in training when f has dropout);
+        `inference=True` switches dropout off."""
         injection = self.embed(image)
-        z_star, info = self.layer(injection, backward_counter=backward_counter)
+        z_star, info = self.layer(
+            injection, key=key, inference=inference, backward_counter=backward_counter
+        )
         return self.head(z_star), info, injection
 
-    def __call__(self, image: Array) -> Array:
-        return self.forward(image)[0]
+    def __call__(
+        self, image: Array, *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> Array:
+        return self.forward(image, key=key, inference=inference)[0]
 
 
 def _wrap_layer(

@@ -68,9 +68,7 @@ def variants(
 
 
 def _stats(runs: list[dict], key: str, scale: float) -> tuple[float, float]:
-    values = [
-        run["train_time_s"] / 60 if key == "train_min" else run[key] * scale for run in runs
-    ]
+    values = [run["train_time_s"] / 60 if key == "train_min" else run[key] * scale for run in runs]
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -170,8 +168,7 @@ def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str
     vanilla_time, skip_reg_time = mean("vanilla", "train_min"), mean("skip-reg", "train_min")
     if vanilla_time and skip_reg_time:
         lines.append(
-            f"Skip Reg. vs Vanilla training time: {vanilla_time / skip_reg_time:.2f}x "
-            "(paper 4.0x)"
+            f"Skip Reg. vs Vanilla training time: {vanilla_time / skip_reg_time:.2f}x (paper 4.0x)"
         )
         lines.append(
             f"test NFE Skip Reg. {mean('skip-reg', 'test_nfe'):.1f} vs Vanilla "
@@ -188,8 +185,10 @@ def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str
         vanilla_backward = mean("vanilla", "backward_s")
         ratio = f"{node_backward / vanilla_backward:.2f}x" if vanilla_backward else "n/a"
         lines.append(f"neural ODE vs continuous Vanilla DEQ backward s/batch: {ratio}")
-    return lines + _speedups_to_vanilla_accuracy(results, solver) + _prediction_vs_explicit(
-        results, solver
+    return (
+        lines
+        + _speedups_to_vanilla_accuracy(results, solver)
+        + _prediction_vs_explicit(results, solver)
     )
 
 

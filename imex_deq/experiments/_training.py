@@ -77,8 +77,9 @@ def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
             adjoint=adjoint,
             max_steps=config.max_steps,
         )
+    preset = {"conv": nn.mnist_conv, "cifar-small": nn.cifar_small, "cifar-large": nn.cifar_large}
     conv = dataclasses.replace(
-        nn.mnist_conv(),
+        preset[config.architecture](),
         image_size=tuple(data.image_shape[:2]),
         in_channels=data.image_shape[2],
         num_classes=data.num_classes,
@@ -105,9 +106,10 @@ class Trainer(eqx.Module):
     def loss(self, model_and_counter, x, y, key):
         """Cross-entropy + skip loss + Jacobian regularisation, and the batch's metrics."""
         model, counter = model_and_counter
+        dropout_key, jac_key, jac_coin = jax.random.split(key, 3)
         logits, info, injection = jax.vmap(
-            lambda image: model.forward(image, backward_counter=counter)
-        )(x)
+            lambda image, k: model.forward(image, key=k, backward_counter=counter)
+        )(x, jax.random.split(dropout_key, x.shape[0]))
         ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
         skip = (
             skip_loss(info, self.config.skip_weight)
@@ -115,19 +117,32 @@ class Trainer(eqx.Module):
             else jnp.zeros(())
         )
         jac = jnp.zeros(())
+        jac_applied = jnp.zeros(())
         if self.config.jac_weight:
-            keys = jax.random.split(key, x.shape[0])
-            jac = jnp.mean(
-                jax.vmap(lambda i, n, k: model.layer.jacobian_regularisation(i, n, key=k))(
-                    injection, info, keys
+
+            def jacobian_term():
+                keys = jax.random.split(jac_key, x.shape[0])
+                return jnp.mean(
+                    jax.vmap(lambda i, n, k: model.layer.jacobian_regularisation(i, n, key=k))(
+                        injection, info, keys
+                    )
                 )
-            )
+
+            if self.config.jac_prob < 1.0:
+                # Bai et al. 2021: regularise a random fraction of the steps; a skipped
+                # step costs nothing (the other branch of the cond does not run).
+                apply = jax.random.bernoulli(jac_coin, self.config.jac_prob)
+                jac = jax.lax.cond(apply, jacobian_term, lambda: jnp.zeros(()))
+                jac_applied = apply.astype(jac.dtype)
+            else:
+                jac, jac_applied = jacobian_term(), jnp.ones(())
         total = ce + skip + self.config.jac_weight * jac
         metrics = dict(
             loss=total,
             ce=ce,
             skip=skip,
             jac=jac,
+            jac_applied=jac_applied,
             accuracy=jnp.mean(jnp.argmax(logits, -1) == y),
             nfe=jnp.mean(info.nfe),
             nfe_max=jnp.max(info.nfe),
@@ -172,7 +187,7 @@ class Trainer(eqx.Module):
 
     @eqx.filter_jit
     def predict(self, model, x):
-        logits, info, _ = jax.vmap(model.forward)(x)
+        logits, info, _ = jax.vmap(lambda image: model.forward(image, inference=True))(x)
         return jnp.argmax(logits, -1), info.nfe
 
 
@@ -332,6 +347,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
             seed=config.seed,
             epoch=epoch,
             start_batch=start,
+            augment=config.augment,
         )
         for xb, yb in batches:
             pretraining = global_step < config.pretrain_steps

@@ -26,6 +26,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="constant, or cosine annealing to 0 over all epochs",
     )
     add("--skip-weight", type=float, default=d.skip_weight, help="λ_skip (paper 0.01)")
+    add(
+        "--jac-prob",
+        type=float,
+        default=d.jac_prob,
+        help="probability that a step is Jacobian-regularised (Bai et al. 2021: 0.02-0.05 "
+        "with a larger --jac-weight; 1: every step, the paper's)",
+    )
+    add("--augment", action="store_true", help="random crop (padding 4) and horizontal flip")
     add("--pretrain-steps", type=int, default=d.pretrain_steps)
     add("--pretrain-depth", type=int, default=d.pretrain_depth)
     add("--rtol", type=float, default=d.rtol, help="relative residual to stop at")
@@ -104,6 +112,8 @@ def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         learning_rate=args.learning_rate,
         lr_schedule=args.lr_schedule,
         skip_weight=args.skip_weight,
+        jac_prob=args.jac_prob,
+        augment=args.augment,
         pretrain_steps=args.pretrain_steps,
         pretrain_depth=args.pretrain_depth,
         rtol=args.rtol,

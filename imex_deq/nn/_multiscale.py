@@ -237,6 +237,11 @@ class MultiscaleDEQCell(eqx.Module):
         )
         self.dropout = VariationalDropout(dropout)
 
+    @property
+    def dropout_rate(self) -> float:
+        """The variational-dropout rate (0 for none)."""
+        return self.dropout.p
+
     def sample_dropout_masks(self, key: PRNGKeyArray) -> tuple[Array, ...] | None:
         """Draw the per-branch variational-dropout masks for one forward solve.
 
