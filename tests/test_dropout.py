@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import central_difference_grad, enable_x64
 
 import imex_deq
 from imex_deq import nn
 from imex_deq.experiments import TrainConfig, Trainer, build_conv_model, make_optimizer
-
-from helpers import central_difference_grad, enable_x64
 
 WIDTH = 6
 
