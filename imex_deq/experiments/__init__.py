@@ -10,6 +10,7 @@ from ._models import build_conv_model as build_conv_model
 from ._models import build_dense_model as build_dense_model
 from ._models import make_solver as make_solver
 from ._reproduce import reproduce as reproduce
+from ._training import NonFiniteError as NonFiniteError
 from ._training import Trainer as Trainer
 from ._training import evaluate as evaluate
 from ._training import make_optimizer as make_optimizer

@@ -1,6 +1,7 @@
 """Validated configuration of one training run."""
 
 import dataclasses
+import math
 
 from ._models import SOLVERS, VARIANTS
 
@@ -18,10 +19,13 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    bound = ">= 0" if allow_zero else "> 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}.")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+        raise ValueError(f"{name} must be {bound}, got {value}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from ._checkpoint import CheckpointError
 from ._config import ARCHITECTURES, BACKWARD, LR_SCHEDULES, PRECISIONS, TrainConfig
 from ._models import SOLVERS, VARIANTS
 from ._reproduce import EXPERIMENTS, reproduce
-from ._training import train
+from ._training import NonFiniteError, train
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, CheckpointError) as error:
         print(f"imex-deq: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:  # a run that diverged: not a usage error
+        print(f"imex-deq: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
