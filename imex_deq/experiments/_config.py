@@ -3,14 +3,11 @@
 import dataclasses
 import math
 
-from ._models import SOLVERS, VARIANTS
+from ._registry import ADJOINTS, BASELINES, SOLVERS, VARIANTS
 
 ARCHITECTURES = ("dense", "conv")
-BACKWARD = ("gmres", "anderson", "fixed-point", "phantom", "unrolled")
 PRECISIONS = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
-BASELINES = ("neural-ode", "explicit")
-"""Variants without a fixed point: no solver, no Jacobian regularisation, no pretraining."""
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -71,10 +68,10 @@ class TrainConfig:
     precision: str = "float32"
 
     def __post_init__(self):
-        _check_choice("model", self.model, VARIANTS)
-        _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("model", self.model, tuple(VARIANTS))
+        _check_choice("solver", self.solver, tuple(SOLVERS))
         _check_choice("architecture", self.architecture, ARCHITECTURES)
-        _check_choice("backward", self.backward, BACKWARD)
+        _check_choice("backward", self.backward, tuple(ADJOINTS))
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("epochs", "batch_size", "learning_rate", "rtol", "max_steps"):

@@ -16,16 +16,14 @@ from jaxtyping import Array
 from tqdm.auto import tqdm
 
 from .. import nn
-from .._adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
 from .._deq import SkipDEQ, SkipRegDEQ, with_fixed_depth
 from .._precision import with_precision
 from .._regularisers import skip_loss
 from .._solution import RESULTS
-from .._solvers import Anderson, FixedPointIteration
 from ..data import Dataset, iterate_batches, load_dataset, num_batches
 from ._checkpoint import load_checkpoint, save_checkpoint, write_atomically
 from ._config import TrainConfig
-from ._models import Classifier, build_conv_model, build_dense_model, make_solver
+from ._models import Classifier, build_conv_model, build_dense_model
 from ._parallel import (
     check_batch_size,
     host_slice,
@@ -36,6 +34,7 @@ from ._parallel import (
     shard_batch,
     to_host,
 )
+from ._registry import make_adjoint, make_solver
 from ._timing import median_time, time_call
 
 CHECKPOINT = "checkpoint.eqx"
@@ -48,26 +47,18 @@ class NonFiniteError(RuntimeError):
     there, and the last checkpoint written before it (if any) is left as it was."""
 
 
-def make_adjoint(name: str, rtol: float):
-    """The backward strategy by CLI name."""
-    if name == "gmres":
-        return ImplicitAdjoint()
-    if name == "anderson":
-        return ImplicitAdjoint(linear_solver=Anderson(rtol=rtol))
-    if name == "fixed-point":
-        return ImplicitAdjoint(linear_solver=FixedPointIteration(rtol=rtol))
-    if name == "phantom":
-        return PhantomAdjoint(steps=5, damp=0.5)
-    return UnrolledAdjoint()
-
-
 def build_model(config: TrainConfig, data: Dataset) -> Classifier:
     """The run's model, initialised from its seed; with `precision="bfloat16"` the DEQ's f
     is wrapped in `MixedPrecision`."""
-    model = _build_model(config, data)
-    if config.precision == "float32":
+    return with_model_precision(_build_model(config, data), config.precision)
+
+
+def with_model_precision(model: Classifier, precision: str) -> Classifier:
+    """`model` with its layer's f computed in `precision`: `"float32"` returns it as it
+    is, `"bfloat16"` wraps f in `MixedPrecision` (parameters and state stay float32)."""
+    if precision == "float32":
         return model
-    return eqx.tree_at(lambda m: m.layer.f, model, with_precision(model.layer.f, config.precision))
+    return eqx.tree_at(lambda m: m.layer.f, model, with_precision(model.layer.f, precision))
 
 
 def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
