@@ -1,6 +1,6 @@
 """imex-deq against its PyTorch peers (torchdeq, torchdiffeq) on the MNIST-dense DEQ.
 
-Both sides get the SAME weights (built once in NumPy, `_bench_common.init_weights`, loaded
+Both sides get the SAME weights (built once in NumPy, `bench/problem.init_weights`, loaded
 into both), the SAME batch, float32, and the same number of threads (torch.set_num_threads(N);
 XLA_FLAGS intra-op threads N and the process pinned to N CPUs). Needs the `bench` extra:
     .venv/bin/pip install torch==2.13.0 torchdeq==0.1.0 torchdiffeq
@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench_common as bc
+from bench import configs, problem, report, threads, timing
 
 
 def parse_args(argv=None):
@@ -68,14 +71,16 @@ class Row:
     name: str
     peer: str
     imex: str
-    torch_kind: str
-    torch_cfg: object
-    jax_core: object  # make_core for timing
+    torch_core: Callable[[], Any]  # builds a fresh models_torch core
+    jax_core: Callable  # models_jax core, for timing
     parity_name: str | None  # key into the parity results (None: not applicable)
     fixed_point: bool  # whether the shared residual applies
 
 
 def build_rows(args):
+    from bench import models_jax as mj
+    from bench import models_torch as mt
+
     import imex_deq as deq
 
     rows = []
@@ -85,12 +90,11 @@ def build_rows(args):
         ("broyden", "Broyden", None),
         ("broyden", "Broyden", 10),
     ):
-        cfg = bc.DEQConfig(solver, args.tol, args.max_iter, args.b_tol, args.max_iter, "rel")
-        core = bc.jax_core_factory(
-            "deq",
-            solver=bc.imex_solver(solver, args.tol, "rel", args.max_iter, memory),
-            adjoint=deq.ImplicitAdjoint(
-                linear_solver=bc.imex_solver(solver, args.b_tol, "rel", args.max_iter, memory),
+        cfg = configs.DEQConfig(solver, args.tol, args.max_iter, args.b_tol, args.max_iter, "rel")
+        core = mj.deq_core(
+            mj.imex_solver(solver, args.tol, "rel", args.max_iter, memory),
+            deq.ImplicitAdjoint(
+                linear_solver=mj.imex_solver(solver, args.b_tol, "rel", args.max_iter, memory),
                 max_steps=args.max_iter,
             ),
             max_steps=args.max_iter,
@@ -103,37 +107,32 @@ def build_rows(args):
                 f"DEQ {solver}" + ("" if memory is None else f" (imex memory {memory})"),
                 f"torchdeq {solver} + IFT({solver})",
                 f"{label} + ImplicitAdjoint({label})",
-                "deq",
-                cfg,
+                functools.partial(mt.DEQCore, cfg),
                 core,
                 solver if memory is None else f"{solver}_m{memory}",
                 True,
             )
         )
-    ode = bc.ODEConfig(args.ode_rtol, args.ode_atol, 1.0)
+    ode = configs.ODEConfig(args.ode_rtol, args.ode_atol, 1.0)
     for adjoint, label in (
         ("backsolve", "BacksolveAdjoint"),
         ("checkpoint", "RecursiveCheckpointAdjoint"),
     ):
-        core = bc.jax_core_factory(
-            "neural_ode", rtol=args.ode_rtol, atol=args.ode_atol, adjoint=adjoint
-        )
+        core = mj.neural_ode_core(args.ode_rtol, args.ode_atol, adjoint=adjoint)
         rows.append(
             Row(
                 f"neural ODE ({adjoint})",
                 "torchdiffeq odeint_adjoint dopri5",
                 f"NeuralODE(Dopri5, {label})",
-                "neural_ode",
-                ode,
+                functools.partial(mt.ODECore, ode),
                 core,
                 f"neural_ode_{adjoint}",
                 False,
             )
         )
-    core = bc.jax_core_factory(
-        "deq",
-        solver=deq.SteadyStateODE(rtol=args.tol, termination="rel"),
-        adjoint=deq.ImplicitAdjoint(),
+    core = mj.deq_core(
+        deq.SteadyStateODE(rtol=args.tol, termination="rel"),
+        deq.ImplicitAdjoint(),
         max_steps=args.max_iter,
     )
     rows.append(
@@ -141,17 +140,15 @@ def build_rows(args):
             "continuous DEQ vs neural ODE",
             "torchdiffeq odeint_adjoint dopri5",
             "SteadyStateODE(Tsit5) + ImplicitAdjoint(GMRES)",
-            "neural_ode",
-            ode,
+            functools.partial(mt.ODECore, ode),
             core,
             "continuous_deq",
             False,
         )
     )
-    core = bc.jax_core_factory(
-        "deq",
-        solver=deq.SteadyStateODE(rtol=args.tol, termination="rel", ode_atol=1e-4),
-        adjoint=deq.ImplicitAdjoint(),
+    core = mj.deq_core(
+        deq.SteadyStateODE(rtol=args.tol, termination="rel", ode_atol=1e-4),
+        deq.ImplicitAdjoint(),
         max_steps=args.max_iter,
     )
     rows.append(
@@ -159,8 +156,7 @@ def build_rows(args):
             "continuous DEQ (ode_atol 1e-4) vs neural ODE",
             "torchdiffeq odeint_adjoint dopri5",
             "SteadyStateODE(Tsit5, ode_atol=1e-4) + ImplicitAdjoint(GMRES)",
-            "neural_ode",
-            ode,
+            functools.partial(mt.ODECore, ode),
             core,
             "continuous_deq",
             False,
@@ -171,9 +167,8 @@ def build_rows(args):
             "explicit (f once)",
             "torch f(0, x)",
             "jax f(0, x)",
-            "explicit",
-            None,
-            bc.jax_core_factory("explicit"),
+            mt.ExplicitCore,
+            mj.explicit_core(),
             "explicit",
             False,
         )
@@ -183,85 +178,83 @@ def build_rows(args):
 
 def run_parity(args, weights, x, y):
     """Tightened tolerances; returns {name: Parity}."""
+    from bench import models_jax as mj
+    from bench import models_torch as mt
+    from bench.parity import parity_check
+
     import imex_deq as deq
 
     tight, iters = 1e-6, 400
     out = {}
-    for solver, memory in [(s, None) for s in bc.TORCHDEQ_SOLVERS] + [("broyden", 10)]:
-        cfg = bc.DEQConfig(solver, tight, iters, tight, iters, "rel")
-        core = bc.jax_core_factory(
-            "deq",
-            solver=bc.imex_solver(solver, tight, "rel", iters, memory),
-            adjoint=deq.ImplicitAdjoint(
-                linear_solver=bc.imex_solver(solver, tight, "rel", iters, memory),
+    for solver, memory in [(s, None) for s in configs.TORCHDEQ_SOLVERS] + [("broyden", 10)]:
+        cfg = configs.DEQConfig(solver, tight, iters, tight, iters, "rel")
+        core = mj.deq_core(
+            mj.imex_solver(solver, tight, "rel", iters, memory),
+            deq.ImplicitAdjoint(
+                linear_solver=mj.imex_solver(solver, tight, "rel", iters, memory),
                 max_steps=iters,
             ),
             max_steps=iters,
         )
         key = solver if memory is None else f"{solver}_m{memory}"
         label = "" if memory is None else f", imex Broyden memory={memory}"
-        out[key] = bc.parity_check(
+        out[key] = parity_check(
             f"{solver} (rel tol {tight:g}, max_iter {iters}{label})",
             weights,
             x,
             y,
-            "deq",
-            cfg,
+            mt.DEQCore(cfg),
             core,
             tol=args.parity_tol,
         )
-        bc.log(out[key].line())
+        report.log(out[key].line())
     ode_tol = 1e-8
-    ode = bc.ODEConfig(ode_tol, ode_tol, 1.0)
+    ode = configs.ODEConfig(ode_tol, ode_tol, 1.0)
     ode_parity = args.parity_tol if args.ode_parity_tol is None else args.ode_parity_tol
     for adjoint in ("backsolve", "checkpoint"):
-        core = bc.jax_core_factory("neural_ode", rtol=ode_tol, atol=ode_tol, adjoint=adjoint)
+        core = mj.neural_ode_core(ode_tol, ode_tol, adjoint=adjoint)
         name = f"neural_ode_{adjoint}"
-        out[name] = bc.parity_check(
+        out[name] = parity_check(
             f"neural ODE torchdiffeq vs NeuralODE({adjoint}) (rtol=atol={ode_tol:g})",
             weights,
             x,
             y,
-            "neural_ode",
-            ode,
+            mt.ODECore(ode),
             core,
             tol=ode_parity,
             residual_mode=None,
         )
-        bc.log(out[name].line())
+        report.log(out[name].line())
     # The continuous DEQ solves a different problem from the finite-time neural ODE it is
     # timed against; its parity is with torchdeq's equilibrium (same f, same z*).
-    core = bc.jax_core_factory(
-        "deq",
-        solver=deq.SteadyStateODE(rtol=tight, termination="rel"),
-        adjoint=deq.ImplicitAdjoint(
-            linear_solver=bc.imex_solver("anderson", tight, "rel", iters), max_steps=iters
+    core = mj.deq_core(
+        deq.SteadyStateODE(rtol=tight, termination="rel"),
+        deq.ImplicitAdjoint(
+            linear_solver=mj.imex_solver("anderson", tight, "rel", iters), max_steps=iters
         ),
         max_steps=iters,
     )
-    out["continuous_deq"] = bc.parity_check(
+    out["continuous_deq"] = parity_check(
         f"continuous DEQ (SteadyStateODE rtol {tight:g}) vs torchdeq anderson equilibrium",
         weights,
         x,
         y,
-        "deq",
-        bc.DEQConfig("anderson", tight, iters, tight, iters, "rel"),
+        mt.DEQCore(configs.DEQConfig("anderson", tight, iters, tight, iters, "rel")),
         core,
         tol=args.parity_tol,
     )
-    bc.log(out["continuous_deq"].line())
-    out["explicit"] = bc.parity_check(
+    report.log(out["continuous_deq"].line())
+    out["explicit"] = parity_check(
         "explicit f(0, x)",
         weights,
         x,
         y,
-        "explicit",
-        None,
-        bc.jax_core_factory("explicit"),
+        mt.ExplicitCore(),
+        mj.explicit_core(),
         tol=args.parity_tol,
         residual_mode=None,
     )
-    bc.log(out["explicit"].line())
+    report.log(out["explicit"].line())
     return out
 
 
@@ -269,9 +262,11 @@ def time_row(row: Row, args, weights, x, y):
     import jax
     import numpy as np
     import torch
+    from bench import models_jax as mj
+    from bench import models_torch as mt
 
     # PyTorch side.
-    net = bc.torch_modules()["TorchNet"](weights, bc.torch_core(row.torch_kind, row.torch_cfg))
+    net = mt.TorchNet(weights, row.torch_core())
     net.train()
     state0 = {k: v.clone() for k, v in net.state_dict().items()}
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -282,28 +277,28 @@ def time_row(row: Row, args, weights, x, y):
         opt.state.clear()
 
     # JAX side.
-    init, step = bc.jax_train_step(row.jax_core, args.lr)
-    params0 = bc.jax_params(weights)
+    init, step = mj.jax_train_step(row.jax_core, args.lr)
+    params0 = mj.jax_params(weights)
     opt0 = init(params0)
     xs, ys = jax.device_put(x), jax.device_put(y)
-    start = time.perf_counter()
-    _, _, jstats = jax.block_until_ready(step(params0, opt0, xs, ys))
-    jax_first = time.perf_counter() - start
+
+    def jax_run():
+        return jax.block_until_ready(step(params0, opt0, xs, ys))
+
+    (_, _, jstats), jax_first = timing.timed(jax_run)
 
     for _ in range(2):  # torch warm-up
         torch_reset()
-        tstats = bc.torch_step(net, opt, xt, yt)
+        tstats = mt.torch_step(net, opt, xt, yt)
 
     t_times, j_times, t_stats, j_stats = [], [], [], []
     for _ in range(args.steps):  # interleaved, so both see the same machine load
         torch_reset()
-        start = time.perf_counter()
-        tstats = bc.torch_step(net, opt, xt, yt)
-        t_times.append(time.perf_counter() - start)
+        tstats, seconds = timing.timed(mt.torch_step, net, opt, xt, yt)
+        t_times.append(seconds)
         t_stats.append(tstats)
-        start = time.perf_counter()
-        _, _, jstats = jax.block_until_ready(step(params0, opt0, xs, ys))
-        j_times.append(time.perf_counter() - start)
+        (_, _, jstats), seconds = timing.timed(jax_run)
+        j_times.append(seconds)
         j_stats.append(jstats)
 
     jax_step = statistics.median(j_times)
@@ -312,7 +307,7 @@ def time_row(row: Row, args, weights, x, y):
         "row": row.name,
         "peer": row.peer,
         "imex": row.imex,
-        "peer_ms": 1e3 * statistics.median(t_times),
+        "peer_ms": timing.median_ms(t_times),
         "imex_ms": 1e3 * jax_step,
         "peer_ms_min": 1e3 * min(t_times),
         "imex_ms_min": 1e3 * min(j_times),
@@ -330,15 +325,15 @@ def time_row(row: Row, args, weights, x, y):
     res["ratio"] = res["peer_ms"] / res["imex_ms"]
     if row.fixed_point:
         res["peer_residual_max"] = float(
-            bc.shared_residual(weights, t_stats[-1]["z"], t_stats[-1]["e"], "rel").max()
+            problem.shared_residual(weights, t_stats[-1]["z"], t_stats[-1]["e"], "rel").max()
         )
         res["imex_residual_max"] = float(
-            bc.shared_residual(
+            problem.shared_residual(
                 weights, np.asarray(j_stats[-1]["z"]), np.asarray(j_stats[-1]["e"]), "rel"
             ).max()
         )
         res["imex_residual_mean"] = float(
-            bc.shared_residual(
+            problem.shared_residual(
                 weights, np.asarray(j_stats[-1]["z"]), np.asarray(j_stats[-1]["e"]), "rel"
             ).mean()
         )
@@ -386,7 +381,7 @@ def table(results, parity, skipped) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    bc.configure_threads(args.threads)
+    threads.configure_threads(args.threads)
     import jax
     import torch
     import torchdeq
@@ -394,32 +389,32 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    machine = bc.machine_line(args.threads)
+    machine = threads.machine_line(args.threads)
     versions = (
         f"jax {jax.__version__}, torch {torch.__version__}, torchdeq "
         f"{getattr(torchdeq, '__version__', '0.1.0')}, torchdiffeq {torchdiffeq.__version__}"
     )
-    bc.log(machine)
-    bc.log(versions)
-    weights = bc.init_weights(args.seed, 784, args.width, 10, spectral_norm=0.9)
-    x, y, data = bc.make_batch(args.seed, args.batch, 784, 10, source=args.data)
-    bc.log(f"data: {data}")
+    report.log(machine)
+    report.log(versions)
+    weights = problem.init_weights(args.seed, 784, args.width, 10, spectral_norm=0.9)
+    x, y, data = problem.make_batch(args.seed, args.batch, 784, 10, source=args.data)
+    report.log(f"data: {data}")
     total = time.perf_counter()
 
-    bc.log("parity checks (tightened tolerances) ...")
+    report.log("parity checks (tightened tolerances) ...")
     parity = run_parity(args, weights, x, y)
 
     results, skipped = [], []
     for row in build_rows(args):
         p = parity.get(row.parity_name)
         if p is not None and not p.ok:
-            bc.log(f"skip timing of {row.name}: parity failed: {p.why}")
+            report.log(f"skip timing of {row.name}: parity failed: {p.why}")
             skipped.append((row.name, p.why))
             continue
-        bc.log(f"[{time.perf_counter() - total:6.1f}s] timing {row.name} ...")
+        report.log(f"[{time.perf_counter() - total:6.1f}s] timing {row.name} ...")
         r = time_row(row, args, weights, x, y)
         r["parity"] = row.parity_name
-        bc.log(
+        report.log(
             f"    peer {r['peer_ms']:.1f} ms, imex {r['imex_ms']:.1f} ms (compile "
             f"{r['imex_compile_s']:.1f}s), ratio {r['ratio']:.2f}; NFE fwd {r['peer_fwd_nfe']:.1f}"
             f" / {r['imex_fwd_nfe_mean']:.1f}, bwd {r['peer_bwd_vjps']:.1f} / {r['imex_bwd_nfe']:.1f}"
@@ -447,7 +442,7 @@ def main(argv=None):
                 f"shared residual ({r['row']}): peer max {r['peer_residual_max']:.2e}, imex max "
                 f"{r['imex_residual_max']:.2e} (mean {r['imex_residual_mean']:.2e}), tol {args.tol:g}"
             )
-    bc.write_results(
+    report.write_results(
         args.out,
         {
             "machine": machine,

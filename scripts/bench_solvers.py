@@ -1,12 +1,17 @@
 """Training-step cost of every imex-deq solver x adjoint pair on the MNIST-dense DEQ.
 
-Model (see `_bench_common.py`): Linear 784->W + ReLU embedding; DEQ with
+Model (see `bench/problem.py`): Linear 784->W + ReLU embedding; DEQ with
 f(z, x) = relu(W1 z) + relu(W2 x) (no bias, W1 rescaled to spectral norm --w1-norm so that f
 is a contraction); head W->10; cross-entropy; optax Adam. ONE eqx.filter_jit step does solve
 + loss + adjoint + update. For each pair it reports the compile time (first call) apart from
 the median of --steps timed steps, the mean forward NFE per sample (and the batch max, which
 is what a vmapped solve costs), the backward NFE per sample (gradient of per-sample
-`backward_counter`s, summed, divided by the batch; see `_bench_common.jax_forward`), and the fraction of samples whose forward solve converged.
+`backward_counter`s, summed, divided by the batch; see `bench/models_jax.jax_forward`), and
+the fraction of samples whose forward solve converged.
+
+Solvers and adjoints are imex-deq's named ones (`imex_deq.experiments.SOLVERS` and
+`ADJOINTS`, as `imex-deq train --solver/--backward` builds them), here under their class
+names and labels.
 
 Usage: python scripts/bench_solvers.py [--steps 20] [--batch 128] [--threads N]
 Writes results/bench_solvers.json; prints a markdown table to stdout, progress to stderr.
@@ -21,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench_common as bc
+from bench import problem, report, threads, timing
 
 SOLVER_NAMES = ("FixedPointIteration", "Anderson", "Broyden", "NewtonKrylov", "SteadyStateODE")
 ADJOINT_NAMES = (
@@ -69,63 +74,53 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_solver(name, args):
-    import imex_deq as deq
+def registry_names(labels: list[str], kind: str) -> dict[str, str]:
+    """`{label: name}` for the solver class names or adjoint labels asked for, `name` being
+    the key of `imex_deq.experiments.SOLVERS` or `ADJOINTS`; an unknown label exits."""
+    from imex_deq.experiments import ADJOINTS, SOLVERS
 
-    common = {"rtol": args.rtol, "termination": "rel"}
-    return {
-        "FixedPointIteration": deq.FixedPointIteration,
-        "Anderson": deq.Anderson,
-        "Broyden": deq.Broyden,
-        "NewtonKrylov": deq.NewtonKrylov,
-        "SteadyStateODE": deq.SteadyStateODE,
-    }[name](**common)
-
-
-def make_adjoint(name, args):
-    import imex_deq as deq
-
-    linear = {"rtol": args.adjoint_rtol, "termination": "rel"}
-    return {
-        "Implicit(GMRES)": lambda: deq.ImplicitAdjoint(),
-        "Implicit(Anderson)": lambda: deq.ImplicitAdjoint(linear_solver=deq.Anderson(**linear)),
-        "Implicit(FixedPoint)": lambda: deq.ImplicitAdjoint(
-            linear_solver=deq.FixedPointIteration(**linear)
-        ),
-        "Phantom(5)": lambda: deq.PhantomAdjoint(steps=5),
-        "Unrolled": lambda: deq.UnrolledAdjoint(),
-    }[name]()
+    if kind == "solver":
+        known = {cls.__name__: name for name, cls in SOLVERS.items()}
+    else:
+        known = {spec.label: name for name, spec in ADJOINTS.items()}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise SystemExit(f"unknown {kind}(s) {unknown}; choose from {', '.join(known)}")
+    return {label: known[label] for label in labels}
 
 
-def bench_pair(solver_name, adjoint_name, args, weights, x, y):
+def bench_pair(solver_name, adjoint_name, args, weights, x, y, names):
+    """Time one pair; `names` maps the labels to registry names (`registry_names`)."""
     import jax
     import numpy as np
+    from bench import models_jax
 
-    make_core = bc.jax_core_factory(
-        "deq",
-        solver=make_solver(solver_name, args),
-        adjoint=make_adjoint(adjoint_name, args),
+    from imex_deq.experiments import make_adjoint, make_solver
+
+    make_core = models_jax.deq_core(
+        make_solver(names[solver_name], args.rtol),
+        make_adjoint(names[adjoint_name], args.adjoint_rtol),
         max_steps=args.max_steps,
     )
-    init, step = bc.jax_train_step(make_core, args.lr)
-    params = bc.jax_params(weights)
+    init, step = models_jax.jax_train_step(make_core, args.lr)
+    params = models_jax.jax_params(weights)
     opt_state = init(params)
     xs = jax.device_put(x)
     ys = jax.device_put(y)
 
     params0, opt_state0 = params, opt_state
 
-    start = time.perf_counter()
-    params, opt_state, stats = jax.block_until_ready(step(params, opt_state, xs, ys))
-    first = time.perf_counter() - start
+    def run(params, opt_state):
+        return jax.block_until_ready(step(params, opt_state, xs, ys))
+
+    (params, opt_state, stats), first = timing.timed(run, params, opt_state)
 
     times, fwd, fwd_max, bwd, conv = [], [], [], [], []
     for _ in range(args.steps):
         if not args.carry:  # every timed step solves the same problem
             params, opt_state = params0, opt_state0
-        start = time.perf_counter()
-        params, opt_state, stats = jax.block_until_ready(step(params, opt_state, xs, ys))
-        times.append(time.perf_counter() - start)
+        (params, opt_state, stats), seconds = timing.timed(run, params, opt_state)
+        times.append(seconds)
         nfe = np.asarray(stats["fwd_nfe"])
         fwd.append(float(nfe.mean()))
         fwd_max.append(int(nfe.max()))
@@ -171,36 +166,36 @@ def table(rows) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    bc.configure_threads(args.threads)
+    threads.configure_threads(args.threads)
     import jax
     import numpy as np
 
-    machine = bc.machine_line(args.threads)
-    weights = bc.init_weights(
-        args.seed, 784, args.width, 10, spectral_norm=args.w1_norm if args.w1_norm > 0 else None
-    )
-    x, y, data = bc.make_batch(args.seed, args.batch, 784, 10, source=args.data)
-    w1_norm = float(np.linalg.norm(weights["w1"], 2))
-    bc.log(machine)
-    bc.log(f"jax {jax.__version__}, data: {data}, W1 spectral norm {w1_norm:.3f}")
-
     solvers = [s for s in args.solvers.split(",") if s]
     adjoints = [a for a in args.adjoints.split(",") if a]
+    names = {**registry_names(solvers, "solver"), **registry_names(adjoints, "adjoint")}
+    machine = threads.machine_line(args.threads)
+    weights = problem.init_weights(
+        args.seed, 784, args.width, 10, spectral_norm=args.w1_norm if args.w1_norm > 0 else None
+    )
+    x, y, data = problem.make_batch(args.seed, args.batch, 784, 10, source=args.data)
+    w1_norm = float(np.linalg.norm(weights["w1"], 2))
+    report.log(machine)
+    report.log(f"jax {jax.__version__}, data: {data}, W1 spectral norm {w1_norm:.3f}")
     rows = []
     total = time.perf_counter()
     for s in solvers:
         for a in adjoints:
             if s == "NewtonKrylov" and a == "Unrolled":
-                bc.log(f"skip {s} x {a}: NewtonKrylov refuses to be unrolled")
+                report.log(f"skip {s} x {a}: NewtonKrylov refuses to be unrolled")
                 continue
-            bc.log(f"[{time.perf_counter() - total:6.1f}s] {s} x {a} ...")
+            report.log(f"[{time.perf_counter() - total:6.1f}s] {s} x {a} ...")
             try:
-                r = bench_pair(s, a, args, weights, x, y)
+                r = bench_pair(s, a, args, weights, x, y, names)
             except Exception as exc:  # noqa: BLE001 - report the failure, keep going
                 r = {"solver": s, "adjoint": a, "error": f"{type(exc).__name__}: {exc}"[:200]}
-                bc.log(f"    FAILED: {r['error']}")
+                report.log(f"    FAILED: {r['error']}")
             else:
-                bc.log(
+                report.log(
                     f"    compile {r['compile_s']:.1f}s, step {r['step_ms_median']:.1f} ms, "
                     f"fwd {r['fwd_nfe_mean']:.1f}, bwd {r['bwd_nfe_mean']:.1f}, "
                     f"conv {100 * r['converged']:.0f}%"
@@ -218,7 +213,7 @@ def main(argv=None):
     )
     print()
     print(table(rows))
-    bc.write_results(
+    report.write_results(
         args.out,
         {
             "machine": machine,

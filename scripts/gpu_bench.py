@@ -56,10 +56,16 @@ import numpy as np
 import optax
 
 from imex_deq import nn
-from imex_deq._precision import with_precision
-from imex_deq.experiments import TrainConfig, Trainer, build_conv_model
-from imex_deq.experiments._models import make_solver
-from imex_deq.experiments._training import make_adjoint
+from imex_deq.experiments import (
+    ADJOINTS,
+    SOLVERS,
+    TrainConfig,
+    Trainer,
+    build_conv_model,
+    make_adjoint,
+    make_solver,
+    with_model_precision,
+)
 
 VARIANTS = (
     # (row label, model variant, solver kind), in table order = run (priority) order
@@ -157,10 +163,7 @@ def build(args, job: Job) -> None:
         adjoint=make_adjoint(args.backward, args.rtol),
         max_steps=args.max_steps,
     )
-    if args.precision != "float32":
-        model = eqx.tree_at(
-            lambda m: m.layer.f, model, with_precision(model.layer.f, args.precision)
-        )
+    model = with_model_precision(model, args.precision)
     trainer = Trainer(train_config, optax.adam(1e-3))
     opt_state = trainer.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     rng = np.random.default_rng(args.seed)
@@ -285,9 +288,16 @@ def parse_args(argv=None):
         help="solver step cap (ODE steps for the continuous solver)",
     )
     p.add_argument(
-        "--discrete-solver", default="anderson", choices=("anderson", "broyden", "fixed-point")
+        "--discrete-solver",
+        default="anderson",
+        choices=tuple(name for name in SOLVERS if name != "continuous"),
     )
-    p.add_argument("--backward", default="gmres", choices=("gmres", "anderson", "fixed-point"))
+    p.add_argument(
+        "--backward",
+        default="gmres",
+        choices=tuple(name for name, spec in ADJOINTS.items() if spec.implicit),
+        help="an implicit adjoint (its linear solver)",
+    )
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     p.add_argument(
         "--matmul-precision",

@@ -140,3 +140,33 @@ def test_tiny_train_run(capsys, tmp_path):
     assert summary["name"] == "vanilla-fixed-point-s0"
     assert "history" not in summary and "config" not in summary
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("inf", "inf"), ("nan", "nan"), ("-0.5", "-0.5"), ("0", "0.0")]
+)
+def test_learning_rate_must_be_finite_and_positive(capsys, value, shown):
+    err = run_error(capsys, ["train", "--learning-rate", value, "--no-progress"])
+    assert err.startswith("imex-deq: error: learning_rate must be")
+    assert err.rstrip().endswith(f"got {shown}.")
+
+
+def test_diverging_train_run_exits_non_zero_with_the_step(capsys, tmp_path):
+    argv = [
+        "train",
+        "--model", "explicit",
+        "--solver", "fixed-point",
+        "--backward", "unrolled",
+        "--learning-rate", "1e30",
+        "--batch-size", "16",
+        "--limit-train", "64",
+        "--limit-test", "16",
+        "--out", str(tmp_path),
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("imex-deq: error: training stopped at step 2: the loss is nan")
+    assert str(tmp_path / "checkpoint.eqx") in captured.err
+    assert "Traceback" not in captured.err

@@ -6,6 +6,7 @@ unrolled backward) on 64 digits images, and each compiled step is shared through
 module-scoped fixture: JAX compiles dominate the runtime.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -18,8 +19,15 @@ import optax
 import pytest
 
 from imex_deq.data import load_dataset
-from imex_deq.experiments import TrainConfig, Trainer, make_optimizer, train
-from imex_deq.experiments._training import build_model
+from imex_deq.experiments import (
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    make_optimizer,
+    train,
+)
+from imex_deq.experiments._training import _initial_state, build_model
 
 VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode", "explicit")
 TINY = {
@@ -109,6 +117,11 @@ def test_step_reports_forward_and_backward_nfe(stepped):
     # backward="unrolled" (and the neural ODE's recursive checkpointing) backpropagates
     # once through every forward evaluation.
     assert metrics["backward_nfe"] == pytest.approx(metrics["nfe"], rel=1e-6), variant
+
+
+def test_step_reports_whether_the_updated_parameters_are_finite(stepped):
+    variant, _, _, metrics = stepped
+    assert metrics["params_finite"] == 1.0, variant
 
 
 def test_jacobian_metric(stepped):
@@ -242,3 +255,65 @@ def test_cosine_schedule_starts_at_the_learning_rate_and_ends_at_zero():
 def test_unknown_lr_schedule_is_rejected():
     with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine; got 'step'"):
         tiny_config(lr_schedule="step")
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, -1e-3, 0.0])
+def test_learning_rate_must_be_finite_and_positive(value):
+    with pytest.raises(ValueError, match="learning_rate must be"):
+        tiny_config(learning_rate=value)
+
+
+# ------------------------------------------------------------- non-finite runs stop
+
+
+def _saved_state(config, data):
+    trainer = Trainer(config, make_optimizer(config, 1))
+    template = eqx.filter_eval_shape(_initial_state, config, data, trainer)
+    return load_checkpoint(f"{config.out_dir}/checkpoint.eqx", template)
+
+
+def _assert_finite_parameters(model):
+    leaves = param_leaves(model)
+    assert leaves and all(np.all(np.isfinite(leaf)) for leaf in leaves)
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    """Step 1 moves every weight by about the learning rate (Adam), 1e30: step 2's loss
+    overflows to nan. The run stops there; the step-0 checkpoint is left as it was."""
+    config = tiny_config(model="explicit", learning_rate=1e30, out_dir=str(tmp_path))
+    expected = (
+        "training stopped at step 2: the loss is nan; the last good checkpoint (step 0) is "
+        f"kept in {tmp_path / 'checkpoint.eqx'}"
+    )
+    with pytest.raises(NonFiniteError) as info:
+        train(config, data)
+    assert str(info.value) == expected
+    assert isinstance(info.value, RuntimeError)
+    (model, _), meta = _saved_state(config, data)
+    assert meta["global_step"] == 0
+    _assert_finite_parameters(model)
+    assert not (tmp_path / "summary.json").exists()
+    records = _log(tmp_path)  # strict JSON: no NaN written
+    assert [r["step"] for r in records if "type" not in r] == [1]
+    assert records[-1] == {"type": "non-finite", "step": 2, "message": expected}
+
+
+def test_non_finite_step_never_overwrites_a_checkpoint(tmp_path, data):
+    """A checkpoint after every step; one training image is nan. Whichever step meets it
+    stops the run, and the checkpoint of the step before is the one on disk."""
+    x_train = data.x_train.copy()
+    x_train[37] = np.nan
+    poisoned = dataclasses.replace(data, x_train=x_train)
+    config = tiny_config(model="explicit", checkpoint_every=1, out_dir=str(tmp_path))
+    with pytest.raises(NonFiniteError, match=r"training stopped at step (\d+): the loss is nan"):
+        train(config, poisoned)
+    failed = _log(tmp_path)[-1]["step"]
+    (model, _), meta = _saved_state(config, data)
+    assert meta["global_step"] == failed - 1
+    _assert_finite_parameters(model)
+
+
+def test_non_finite_run_without_out_dir(data):
+    config = tiny_config(model="explicit", learning_rate=1e30)
+    with pytest.raises(NonFiniteError, match="step 2: the loss is nan; no checkpoint is written"):
+        train(config, data)

@@ -1,17 +1,15 @@
 """Validated configuration of one training run."""
 
 import dataclasses
+import math
 
-from ._models import SOLVERS, VARIANTS
+from ._registry import ADJOINTS, BASELINES, SOLVERS, VARIANTS
 
 ARCHITECTURES = ("dense", "conv", "cifar-small", "cifar-large")
 """`conv` is the paper's MNIST-conv model (`nn.mnist_conv`); the CIFAR ones are its CIFAR-10
 models (`nn.cifar_small`, `nn.cifar_large`)."""
-BACKWARD = ("gmres", "anderson", "fixed-point", "phantom", "unrolled")
 PRECISIONS = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
-BASELINES = ("neural-ode", "explicit")
-"""Variants without a fixed point: no solver, no Jacobian regularisation, no pretraining."""
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -20,10 +18,13 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    bound = ">= 0" if allow_zero else "> 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}.")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+        raise ValueError(f"{name} must be {bound}, got {value}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +72,10 @@ class TrainConfig:
     precision: str = "float32"
 
     def __post_init__(self):
-        _check_choice("model", self.model, VARIANTS)
-        _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("model", self.model, tuple(VARIANTS))
+        _check_choice("solver", self.solver, tuple(SOLVERS))
         _check_choice("architecture", self.architecture, ARCHITECTURES)
-        _check_choice("backward", self.backward, BACKWARD)
+        _check_choice("backward", self.backward, tuple(ADJOINTS))
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("epochs", "batch_size", "learning_rate", "rtol", "max_steps"):

@@ -9,27 +9,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import nn
 from .._adjoint import AbstractAdjoint, ImplicitAdjoint
-from .._deq import DEQ, AbstractDEQ, DEQInfo, SkipDEQ, SkipRegDEQ
+from .._deq import AbstractDEQ, DEQInfo
 from .._neural_ode import NeuralODE
-from .._solvers import Anderson, Broyden, FixedPointIteration, NewtonKrylov, SteadyStateODE
-from .._solvers._base import AbstractSolver
-
-VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode", "explicit")
-SOLVERS = ("continuous", "anderson", "broyden", "fixed-point", "newton-krylov")
-
-
-def make_solver(name: str, rtol: float) -> AbstractSolver:
-    """A forward solver by CLI name, stopping at relative residual `rtol`."""
-    factories = {
-        "continuous": SteadyStateODE,
-        "anderson": Anderson,
-        "broyden": Broyden,
-        "fixed-point": FixedPointIteration,
-        "newton-krylov": NewtonKrylov,
-    }
-    if name not in factories:
-        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}.")
-    return factories[name](rtol=rtol, termination="rel")
+from .._solvers import AbstractSolver
+from ._registry import make_layer as _wrap_layer
 
 
 class DenseDEQCell(eqx.Module):
@@ -89,30 +72,6 @@ class Classifier(eqx.Module):
         self, image: Array, *, key: PRNGKeyArray | None = None, inference: bool = False
     ) -> Array:
         return self.forward(image, key=key, inference=inference)[0]
-
-
-def _wrap_layer(
-    variant: str,
-    f: Callable,
-    predictor: Callable | None,
-    solver: AbstractSolver,
-    *,
-    adjoint: AbstractAdjoint,
-    max_steps: int,
-    state_shape,
-) -> AbstractDEQ | NeuralODE:
-    options = dict(adjoint=adjoint, max_steps=max_steps, state_shape=state_shape)
-    if variant == "vanilla":
-        return DEQ(f, solver, **options)
-    if variant == "skip":
-        return SkipDEQ(f, predictor, solver, **options)
-    if variant == "skip-reg":
-        return SkipRegDEQ(f, solver, **options)
-    if variant == "explicit":  # the one-pass network z = f(0, x) every DEQ is measured against
-        return DEQ(f, solver, **options, fixed_depth=1)
-    if variant == "neural-ode":
-        return NeuralODE(f, rtol=solver.rtol, atol=solver.rtol, state_shape=state_shape)
-    raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
 
 
 def build_dense_model(

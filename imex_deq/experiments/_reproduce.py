@@ -11,7 +11,7 @@ import numpy as np
 from ..data import load_dataset
 from ._checkpoint import write_atomically
 from ._config import TrainConfig
-from ._models import VARIANTS
+from ._registry import BASELINES, DEQ_VARIANTS, VARIANTS
 from ._training import SUMMARY, train
 
 EXPERIMENTS = {"mnist-dense": "dense", "mnist-conv": "conv"}
@@ -47,7 +47,7 @@ class Variant:
 
 
 def variants(
-    solvers: tuple[str, ...], with_jac: bool, models: tuple[str, ...] = VARIANTS
+    solvers: tuple[str, ...], with_jac: bool, models: tuple[str, ...] = tuple(VARIANTS)
 ) -> list[Variant]:
     """Vanilla / Skip / Skip Reg. (± Jacobian regularisation) per solver, then the
     baselines once: the neural ODE and the explicit one-pass network f(0, x); only the
@@ -60,10 +60,10 @@ def variants(
     rows = [
         Variant(model, jac, solver)
         for solver in solvers
-        for model in ("vanilla", "skip", "skip-reg")
+        for model in DEQ_VARIANTS
         for jac in ((False, True) if with_jac else (False,))
     ]
-    baselines = [Variant(model, False, solvers[0]) for model in ("neural-ode", "explicit")]
+    baselines = [Variant(model, False, solvers[0]) for model in BASELINES]
     return [v for v in rows + baselines if v.model in models]
 
 
@@ -252,7 +252,7 @@ def reproduce(
     out_dir: str = "results",
     with_jac: bool = True,
     base: TrainConfig | None = None,
-    models: tuple[str, ...] = VARIANTS,
+    models: tuple[str, ...] = tuple(VARIANTS),
 ) -> dict:
     """Train every variant for every seed; write `table.md`, `results.json` and one PNG per
     solver kind under `out_dir/<experiment>`; print the table and headline ratios.

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -11,19 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array
 from tqdm.auto import tqdm
 
 from .. import nn
-from .._adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
 from .._deq import SkipDEQ, SkipRegDEQ, with_fixed_depth
 from .._precision import with_precision
 from .._regularisers import skip_loss
 from .._solution import RESULTS
-from .._solvers import Anderson, FixedPointIteration
 from ..data import Dataset, iterate_batches, load_dataset, num_batches
 from ._checkpoint import load_checkpoint, save_checkpoint, write_atomically
 from ._config import TrainConfig
-from ._models import Classifier, build_conv_model, build_dense_model, make_solver
+from ._models import Classifier, build_conv_model, build_dense_model
 from ._parallel import (
     check_batch_size,
     host_slice,
@@ -34,6 +34,7 @@ from ._parallel import (
     shard_batch,
     to_host,
 )
+from ._registry import make_adjoint, make_solver
 from ._timing import median_time, time_call
 
 CHECKPOINT = "checkpoint.eqx"
@@ -41,26 +42,23 @@ LOG = "log.jsonl"
 SUMMARY = "summary.json"
 
 
-def make_adjoint(name: str, rtol: float):
-    """The backward strategy by CLI name."""
-    if name == "gmres":
-        return ImplicitAdjoint()
-    if name == "anderson":
-        return ImplicitAdjoint(linear_solver=Anderson(rtol=rtol))
-    if name == "fixed-point":
-        return ImplicitAdjoint(linear_solver=FixedPointIteration(rtol=rtol))
-    if name == "phantom":
-        return PhantomAdjoint(steps=5, damp=0.5)
-    return UnrolledAdjoint()
+class NonFiniteError(RuntimeError):
+    """A training step produced a non-finite loss or non-finite parameters; the run stopped
+    there, and the last checkpoint written before it (if any) is left as it was."""
 
 
 def build_model(config: TrainConfig, data: Dataset) -> Classifier:
     """The run's model, initialised from its seed; with `precision="bfloat16"` the DEQ's f
     is wrapped in `MixedPrecision`."""
-    model = _build_model(config, data)
-    if config.precision == "float32":
+    return with_model_precision(_build_model(config, data), config.precision)
+
+
+def with_model_precision(model: Classifier, precision: str) -> Classifier:
+    """`model` with its layer's f computed in `precision`: `"float32"` returns it as it
+    is, `"bfloat16"` wraps f in `MixedPrecision` (parameters and state stay float32)."""
+    if precision == "float32":
         return model
-    return eqx.tree_at(lambda m: m.layer.f, model, with_precision(model.layer.f, config.precision))
+    return eqx.tree_at(lambda m: m.layer.f, model, with_precision(model.layer.f, precision))
 
 
 def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
@@ -171,6 +169,7 @@ class Trainer(eqx.Module):
         )
         model, opt_state = self._apply(model, opt_state, grads)
         metrics["backward_nfe"] = counter_grad / x.shape[0]
+        metrics["params_finite"] = _all_finite(model)
         return model, opt_state, metrics
 
     def _apply(self, model, opt_state, grads):
@@ -189,6 +188,12 @@ class Trainer(eqx.Module):
     def predict(self, model, x):
         logits, info, _ = jax.vmap(lambda image: model.forward(image, inference=True))(x)
         return jnp.argmax(logits, -1), info.nfe
+
+
+def _all_finite(tree) -> Array:
+    """Whether every inexact array in `tree` is finite (one reduction per leaf)."""
+    leaves = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
 def evaluate(
@@ -254,6 +259,15 @@ def _to_float(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _non_finite(metrics: dict, params_finite: bool) -> str | None:
+    """What is not finite after a step (its loss, or its updated parameters), or None."""
+    if not math.isfinite(metrics["loss"]):
+        return f"the loss is {metrics['loss']}"
+    if not params_finite:
+        return "the updated parameters are not finite"
+    return None
+
+
 def measure_timing(
     trainer: Trainer, model, opt_state, data: Dataset, repeats: int, put=jnp.asarray
 ) -> dict:
@@ -296,6 +310,10 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
 
     With `config.data_parallel` (or `distributed`) every batch is split over all devices
     and the model and optimizer state are replicated; the jitted step is the same.
+
+    A step whose loss or updated parameters are not finite stops the run with
+    `NonFiniteError` naming the step. Nothing is saved after it: the last checkpoint in
+    `out_dir` (a fresh run writes one at step 0) stays as it was.
     """
     if config.distributed:
         initialize_distributed()
@@ -326,6 +344,9 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
             (writer / LOG).unlink()
         model, opt_state = _initial_state(config, data, trainer)
         meta = {"global_step": 0, "history": [], "train_time_s": 0.0, "compile_time_s": 0.0}
+        if writer is not None:  # a good checkpoint to keep should the first steps diverge
+            save_checkpoint(writer / CHECKPOINT, (model, opt_state), meta)
+    saved_step = meta["global_step"]
     if mesh is not None:
         model, opt_state = replicate(mesh, (model, opt_state))
     log = _Log(writer)
@@ -368,6 +389,18 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
                 recent.append(seconds)
             global_step += 1
             metrics = _to_float(metrics)
+            failure = _non_finite(metrics, metrics.pop("params_finite") == 1.0)
+            if failure is not None:  # stop before anything saves the bad parameters
+                bar.close()
+                kept = (
+                    "no checkpoint is written without out_dir"
+                    if out is None
+                    else f"the last good checkpoint (step {saved_step}) is kept in "
+                    f"{out / CHECKPOINT}"
+                )
+                message = f"training stopped at step {global_step}: {failure}; {kept}"
+                log.write({"type": "non-finite", "step": global_step, "message": message})
+                raise NonFiniteError(message)
             log.write({"step": global_step, "epoch": epoch, "time_s": seconds, **metrics})
             bar.update(1)
             bar.set_postfix(
@@ -390,7 +423,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
                 log.write({"type": "eval", **record})
             at_epoch_end = global_step % per_epoch == 0
             if writer is not None and (global_step % config.checkpoint_every == 0 or at_epoch_end):
-                meta["global_step"] = global_step
+                meta["global_step"] = saved_step = global_step
                 save_checkpoint(writer / CHECKPOINT, (model, opt_state), meta)
             if config.stop_after_steps is not None and global_step >= config.stop_after_steps:
                 bar.close()

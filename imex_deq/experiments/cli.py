@@ -7,10 +7,10 @@ import sys
 
 from ..data import DataError
 from ._checkpoint import CheckpointError
-from ._config import ARCHITECTURES, BACKWARD, LR_SCHEDULES, PRECISIONS, TrainConfig
-from ._models import SOLVERS, VARIANTS
+from ._config import ARCHITECTURES, LR_SCHEDULES, PRECISIONS, TrainConfig
+from ._registry import ADJOINTS, SOLVERS, VARIANTS
 from ._reproduce import EXPERIMENTS, reproduce
-from ._training import train
+from ._training import NonFiniteError, train
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     add("--pretrain-depth", type=int, default=d.pretrain_depth)
     add("--rtol", type=float, default=d.rtol, help="relative residual to stop at")
     add("--max-steps", type=int, default=d.max_steps)
-    add("--backward", choices=BACKWARD, default=d.backward)
+    add(
+        "--backward",
+        choices=tuple(ADJOINTS),
+        default=d.backward,
+        help=", ".join(f"{name}: {spec.label}" for name, spec in ADJOINTS.items()),
+    )
     add("--limit-train", type=int, default=None, help="use only the first N training images")
     add("--limit-test", type=int, default=None, help="use only the first N test images")
     add("--evals-per-epoch", type=int, default=d.evals_per_epoch)
@@ -68,8 +73,8 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("train", help="train one model")
-    run.add_argument("--model", choices=VARIANTS, default="skip-reg")
-    run.add_argument("--solver", choices=SOLVERS, default="continuous")
+    run.add_argument("--model", choices=tuple(VARIANTS), default="skip-reg")
+    run.add_argument("--solver", choices=tuple(SOLVERS), default="continuous")
     run.add_argument("--architecture", choices=ARCHITECTURES, default="dense")
     run.add_argument("--epochs", type=int, default=3)
     run.add_argument("--seed", type=int, default=0)
@@ -176,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, CheckpointError) as error:
         print(f"imex-deq: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:  # a run that diverged: not a usage error
+        print(f"imex-deq: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
