@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import optax
 
 import imex_deq as ideq
+from imex_deq import experiments as presets
 from imex_deq import nn
 from imex_deq.experiments import build_conv_model
 
@@ -155,7 +156,7 @@ def images(config, batch, key):
 
 
 def explicit_rows(args, key):
-    config = nn.mnist_conv()
+    config = presets.mnist_conv()
     x, y = images(config, args.batch, key)
     plain = time_training_step(PlainCNN(key), plain_forward, x, y, args.steps)
     explicit_model = build_conv_model("explicit", ideq.Anderson(), config=config, key=key)
@@ -172,7 +173,7 @@ def cell_and_inputs(config, batch, key):
 
 
 def cell_rows(args, key):
-    cell, z, injection = cell_and_inputs(nn.mnist_conv(), args.batch, key)
+    cell, z, injection = cell_and_inputs(presets.mnist_conv(), args.batch, key)
     f = eqx.filter_jit(lambda cell, z, x: jax.vmap(cell)(z, x))
     # A random cotangent: the GroupNorm at the end maps a constant one to a zero VJP.
     cotangent = jax.tree.map(lambda a: jax.random.normal(key, a.shape, a.dtype), z)
@@ -195,7 +196,7 @@ def cell_rows(args, key):
 def deq_rows(args, key):
     rows = {}
     for name in ("mnist_conv", "cifar_small"):
-        config = getattr(nn, name)()
+        config = getattr(presets, name)()
         x, y = images(config, args.batch, key)
         for variant in ("vanilla", "skip-reg"):
             solver = ideq.Anderson(rtol=args.rtol)
@@ -210,7 +211,7 @@ def deq_rows(args, key):
 
 
 def cifar_large_compile(args, key):
-    config = nn.cifar_large()
+    config = presets.cifar_large()
     x, y = images(config, 8, key)
     model = build_conv_model("vanilla", ideq.Anderson(rtol=args.rtol), config=config, key=key)
     return time_training_step(model, classifier_forward, x, y, steps=1)

@@ -2,7 +2,7 @@
 CIFAR table), for every variant: Vanilla / Skip / Skip Reg. DEQ, each with the continuous
 solver (SteadyStateODE, Tsit5) and the discrete one (Anderson), and the Neural ODE baseline.
 
-Models: `imex_deq.nn.cifar_small()` and `cifar_large()` through
+Models: `imex_deq.experiments.cifar_small()` and `cifar_large()` through
 `imex_deq.experiments.build_conv_model`, trained by `experiments.Trainer` (one jitted step:
 predictor + solve + cross-entropy + skip loss + implicit adjoint + Adam). Data: random
 32x32x3 images and labels, batch 128 (random data exercises the same kernels; NFE on it is
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from imex_deq import nn
+from imex_deq import experiments, nn
 from imex_deq.experiments import (
     ADJOINTS,
     SOLVERS,
@@ -88,8 +88,8 @@ def tiny_config() -> nn.MultiscaleConfig:
 
 
 CONFIGS = {
-    "small": ("CIFAR-small", nn.cifar_small),
-    "large": ("CIFAR-large", nn.cifar_large),
+    "small": ("CIFAR-small", experiments.cifar_small),
+    "large": ("CIFAR-large", experiments.cifar_large),
     "tiny": ("tiny", tiny_config),
 }
 COST_PRIOR = {"small": 1.0, "large": 2.5, "tiny": 0.2}

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imex_deq import experiments as presets
 from imex_deq import nn
 
 KEY = jax.random.key(0)
@@ -105,9 +106,9 @@ def test_misspelt_option_is_type_error():
 @pytest.mark.parametrize(
     "config, paper, band",
     [
-        (nn.cifar_small, 164e3, 0.2),
-        (nn.cifar_large, 10.6e6, 0.1),
-        (nn.imagenet_small, 18e6, 0.2),
+        (presets.cifar_small, 164e3, 0.2),
+        (presets.cifar_large, 10.6e6, 0.1),
+        (presets.imagenet_small, 18e6, 0.2),
     ],
 )
 def test_parameter_counts(config, paper, band):
@@ -126,7 +127,7 @@ def test_count_parameters_real_arrays():
 
 
 def test_mnist_model_structure():
-    config = nn.mnist_conv()
+    config = presets.mnist_conv()
     assert config.state_shapes == ((28, 28, 8), (14, 14, 16))
     model = eqx.filter_eval_shape(nn.build_multiscale_model, config, KEY)
     image = jax.ShapeDtypeStruct((28, 28, 1), jnp.float32)
@@ -144,7 +145,7 @@ def test_mnist_model_structure():
 
 
 def test_imagenet_state_shapes():
-    assert nn.imagenet_small().state_shapes == (
+    assert presets.imagenet_small().state_shapes == (
         (56, 56, 32),
         (28, 28, 64),
         (14, 14, 128),

@@ -8,6 +8,10 @@ from ._models import Classifier as Classifier
 from ._models import DenseDEQCell as DenseDEQCell
 from ._models import build_conv_model as build_conv_model
 from ._models import build_dense_model as build_dense_model
+from ._presets import cifar_large as cifar_large
+from ._presets import cifar_small as cifar_small
+from ._presets import imagenet_small as imagenet_small
+from ._presets import mnist_conv as mnist_conv
 from ._registry import ADJOINTS as ADJOINTS
 from ._registry import SOLVERS as SOLVERS
 from ._registry import VARIANTS as VARIANTS

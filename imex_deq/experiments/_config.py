@@ -6,8 +6,8 @@ import math
 from ._registry import ADJOINTS, BASELINES, SOLVERS, VARIANTS
 
 ARCHITECTURES = ("dense", "conv", "cifar-small", "cifar-large")
-"""`conv` is the paper's MNIST-conv model (`nn.mnist_conv`); the CIFAR ones are its CIFAR-10
-models (`nn.cifar_small`, `nn.cifar_large`)."""
+"""`conv` is the paper's MNIST-conv model (`mnist_conv`); the CIFAR ones are its CIFAR-10
+models (`cifar_small`, `cifar_large`)."""
 PRECISIONS = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 

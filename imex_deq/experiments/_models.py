@@ -113,7 +113,7 @@ def build_conv_model(
     adjoint: AbstractAdjoint | None = None,
     max_steps: int = 50,
 ) -> Classifier:
-    """A multiscale (Skip) DEQ classifier from `imex_deq.nn` (e.g. `nn.mnist_conv()`);
+    """A multiscale (Skip) DEQ classifier from `imex_deq.nn` (e.g. `mnist_conv()`);
     images arrive channels-last `(H, W, C)`, as every `imex_deq.nn` module takes them."""
     pieces = nn.build_multiscale_model(config, key, with_predictor=variant == "skip")
     state_shape = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in config.state_shapes)

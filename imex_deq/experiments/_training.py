@@ -34,6 +34,7 @@ from ._parallel import (
     shard_batch,
     to_host,
 )
+from ._presets import PRESETS
 from ._registry import make_adjoint, make_solver
 from ._timing import median_time, time_call
 
@@ -75,9 +76,8 @@ def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
             adjoint=adjoint,
             max_steps=config.max_steps,
         )
-    preset = {"conv": nn.mnist_conv, "cifar-small": nn.cifar_small, "cifar-large": nn.cifar_large}
     conv = dataclasses.replace(
-        preset[config.architecture](),
+        PRESETS[config.architecture](),
         image_size=tuple(data.image_shape[:2]),
         in_channels=data.image_shape[2],
         num_classes=data.num_classes,

@@ -21,10 +21,6 @@ from ._multiscale import Stem as Stem
 from ._multiscale import Upsample as Upsample
 from ._multiscale import branch_shapes as branch_shapes
 from ._multiscale import build_multiscale_model as build_multiscale_model
-from ._multiscale import cifar_large as cifar_large
-from ._multiscale import cifar_small as cifar_small
 from ._multiscale import count_parameters as count_parameters
-from ._multiscale import imagenet_small as imagenet_small
-from ._multiscale import mnist_conv as mnist_conv
 from ._weight_norm import WeightNorm as WeightNorm
 from ._weight_norm import weight_norm as weight_norm

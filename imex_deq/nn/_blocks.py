@@ -140,7 +140,7 @@ class Conv2d(eqx.Module):
 
 class GroupNorm(eqx.Module):
     """Group normalisation of one channels-last `(H, W, C)` sample, with a per-channel
-    affine map (weight 1, bias 0 at initialisation), as [`equinox.nn.GroupNorm`][] does
+    affine map (weight 1, bias 0 at initialisation), as `equinox.nn.GroupNorm` does
     for channels-first arrays."""
 
     groups: int = eqx.field(static=True)
