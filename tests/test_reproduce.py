@@ -249,3 +249,23 @@ def test_variants_subset_and_unknown_model():
         variants(("anderson",), with_jac=False, models=("vanilla", "resnet"))
     with pytest.raises(ValueError, match="models: unknown"):
         variants(("anderson",), with_jac=False, models=())
+
+
+def test_cifar_experiments_need_cifar_data_and_the_others_refuse_it():
+    with pytest.raises(
+        ValueError, match=r"cifar10-small trains on CIFAR-10: pass --dataset cifar10=PATH"
+    ):
+        reproduce("cifar10-small", dataset="digits", seeds=1, epochs=1, solvers=("anderson",))
+    with pytest.raises(
+        ValueError, match=r"mnist-conv trains on MNIST-like images, not 'cifar10=/x'"
+    ):
+        reproduce("mnist-conv", dataset="cifar10=/x", seeds=1, epochs=1, solvers=("anderson",))
+
+
+def test_cifar_experiment_table_quotes_the_papers_figures():
+    from imex_deq.experiments._reproduce import paper_figures
+
+    assert paper_figures("cifar10-small", "anderson")["vanilla"]["test_accuracy"] == 81.2
+    assert paper_figures("cifar10-small", "continuous")["neural-ode"]["step_s"] == 1.608
+    assert paper_figures("cifar10-large", "continuous")["vanilla"]["step_s"] == 1.284
+    assert paper_figures("mnist-conv", "anderson") == {}

@@ -14,7 +14,14 @@ from ._config import TrainConfig
 from ._registry import BASELINES, DEQ_VARIANTS, VARIANTS
 from ._training import SUMMARY, train
 
-EXPERIMENTS = {"mnist-dense": "dense", "mnist-conv": "conv"}
+EXPERIMENTS = {
+    "mnist-dense": "dense",
+    "mnist-conv": "conv",
+    "cifar10-small": "cifar-small",
+    "cifar10-large": "cifar-large",
+}
+"""Experiment name -> `TrainConfig.architecture`. The CIFAR-10 ones read
+`--dataset cifar10=PATH` and train with the paper's augmentation."""
 
 PAPER_MNIST_DENSE = {
     "vanilla": {"test_accuracy": 97.93, "test_nfe": 18.3, "train_min": 5.20, "predict_s": 0.038},
@@ -25,10 +32,33 @@ PAPER_MNIST_DENSE = {
 """The paper's MNIST-dense continuous-DEQ table (3 seeds); Skip rows with Jacobian
 regularisation and the neural ODE are not in it."""
 
+PAPER_CIFAR = {
+    ("cifar10-small", "discrete"): {"vanilla": {"test_accuracy": 81.2, "step_s": 0.651}},
+    ("cifar10-small", "continuous"): {
+        "vanilla": {"test_accuracy": 80.8, "step_s": 0.753, "backward_s": 0.261},
+        "neural-ode": {"test_accuracy": 83.5, "step_s": 1.608, "backward_s": 1.240},
+    },
+    ("cifar10-large", "continuous"): {
+        "vanilla": {"test_accuracy": 89.4, "step_s": 1.284},
+        "neural-ode": {"test_accuracy": 89.0, "step_s": 5.267},
+    },
+}
+"""The paper's CIFAR-10 figures quoted in the issue (training s/batch on a GPU)."""
+
+
+def paper_figures(experiment: str, solver: str) -> dict:
+    """The paper's figures for one experiment and solver kind, by variant label."""
+    if experiment == "mnist-dense":
+        return PAPER_MNIST_DENSE
+    kind = "continuous" if solver == "continuous" else "discrete"
+    return PAPER_CIFAR.get((experiment, kind), {})
+
+
 COLUMNS = (
     ("test accuracy %", "test_accuracy", 100.0),
     ("test NFE", "test_nfe", 1.0),
     ("train time (min)", "train_min", 1.0),
+    ("step (s/batch)", "step_s", 1.0),
     ("backward (s/batch)", "backward_s", 1.0),
     ("predict (s/batch)", "predict_s", 1.0),
     ("compile (s)", "compile_time_s", 1.0),
@@ -265,6 +295,18 @@ def reproduce(
             f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}."
         )
     base = base or TrainConfig()
+    cifar = experiment.startswith("cifar10")
+    if cifar != dataset.startswith("cifar10="):
+        raise ValueError(
+            f"{experiment} trains on "
+            + (
+                "CIFAR-10: pass --dataset cifar10=PATH."
+                if cifar
+                else f"MNIST-like images, not {dataset!r}."
+            )
+        )
+    if cifar:
+        base = dataclasses.replace(base, augment=True)
     folder = Path(out_dir) / experiment
     data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
     results: dict[Variant, list[dict]] = {}
@@ -287,9 +329,9 @@ def reproduce(
             print(f"[{index + 1}/{len(plan)}] {config.name}: {status}", file=sys.stderr, flush=True)
             summary = summary or train(config, data)
             results.setdefault(variant, []).append(summary)
-    paper = PAPER_MNIST_DENSE if experiment == "mnist-dense" else {}
     report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
     for solver in solvers:
+        paper = paper_figures(experiment, solver)
         report.append(f"## {solver}\n\n{table(results, solver, paper)}\n")
         report.extend(f"- {line}" for line in headline_ratios(results, solver))
         report.append(f"\n![{solver}]({experiment}-{solver}.png)\n")
