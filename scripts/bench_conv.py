@@ -128,7 +128,10 @@ def plain_forward(model, x, counter):
 
 
 def classifier_forward(model, x, counter):
-    logits, info, _ = jax.vmap(lambda image: model.forward(image, backward_counter=counter))(x)
+    keys = jax.random.split(jax.random.PRNGKey(1), x.shape[0])  # dropout masks (CIFAR cells)
+    logits, info, _ = jax.vmap(
+        lambda image, key: model.forward(image, key=key, backward_counter=counter)
+    )(x, keys)
     return logits, info
 
 
