@@ -19,12 +19,14 @@ from ._regularisers import skip_loss as skip_loss
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solution import residual_norm as residual_norm
-from ._solvers import AbstractIterativeSolver as AbstractIterativeSolver
+from ._solvers import AbstractFixedPointSolver as AbstractFixedPointSolver
+from ._solvers import AbstractRootFinder as AbstractRootFinder
 from ._solvers import AbstractSolver as AbstractSolver
 from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
 from ._solvers import FixedPointIteration as FixedPointIteration
 from ._solvers import NewtonKrylov as NewtonKrylov
+from ._solvers import Progress as Progress
 from ._solvers import SteadyStateODE as SteadyStateODE
 
 __version__ = "0.1.0"

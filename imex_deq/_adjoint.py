@@ -14,8 +14,8 @@ from jaxtyping import Array, Float
 
 from ._custom_types import Args, FixedPointFn, State
 from ._solution import Solution, tree_norm
-from ._solvers._base import AbstractIterativeSolver, AbstractSolver
-from ._solvers._newton_krylov import solve_normalised
+from ._solvers._base import AbstractFixedPointSolver, AbstractRootFinder, AbstractSolver
+from ._solvers._linear import solve_normalised
 
 
 class AbstractAdjoint(eqx.Module):
@@ -133,13 +133,15 @@ class ImplicitAdjoint(AbstractAdjoint):
     - `max_steps`: step cap for an iterative `linear_solver`.
     """
 
-    linear_solver: lx.GMRES | AbstractIterativeSolver = eqx.field(
+    linear_solver: lx.GMRES | AbstractFixedPointSolver | AbstractRootFinder = eqx.field(
         default_factory=_default_gmres
     )
     max_steps: int = eqx.field(default=50, static=True)
 
     def __check_init__(self):
-        if not isinstance(self.linear_solver, (lx.GMRES, AbstractIterativeSolver)):
+        if not isinstance(
+            self.linear_solver, (lx.GMRES, AbstractFixedPointSolver, AbstractRootFinder)
+        ):
             raise TypeError(
                 "ImplicitAdjoint: linear_solver must be a lineax.GMRES or an imex-deq "
                 f"discrete solver, got {type(self.linear_solver).__name__}."
@@ -176,7 +178,9 @@ def _materialise(grad: State | None, like: State) -> State:
     if grad is None:
         return jax.tree_util.tree_map(jnp.zeros_like, like)
     return jax.tree_util.tree_map(
-        lambda g, z: jnp.zeros_like(z) if g is None else g, grad, like,
+        lambda g, z: jnp.zeros_like(z) if g is None else g,
+        grad,
+        like,
         is_leaf=lambda g: g is None,
     )
 

@@ -32,9 +32,7 @@ def check_state(fn: FixedPointFn, z0: State, args: Args) -> None:
     """Trace-time check that `fn` maps a state like `z0` to a state like `z0`."""
     for leaf in jax.tree_util.tree_leaves(z0):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(
-                f"the DEQ state must be floating point, got z0 = {describe_tree(z0)}."
-            )
+            raise TypeError(f"the DEQ state must be floating point, got z0 = {describe_tree(z0)}.")
     out = jax.eval_shape(fn, z0, args)
     expected = jax.eval_shape(lambda: z0)
     if eqx.tree_equal(out, expected) is not True:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+import optimistix as optx
 import pytest
 from helpers import (
     AFFINE_PROBLEMS,
@@ -147,7 +148,8 @@ def test_solver_memory_independent_of_max_steps(name, option):
     assert few == many  # ... and nothing is sized by max_steps
     assert max(max(s, default=0) for s in many) < 100
     # The state the solver carries between steps is the bounded buffer.
-    state = jax.eval_shape(solver.init, jax.ShapeDtypeStruct((N,), jnp.float32))
+    y = jax.ShapeDtypeStruct((N,), jnp.float32)
+    state = jax.eval_shape(lambda y: solver.init(affine_fn, y, args, {}, y, None, frozenset()), y)
     buffer_shapes = {leaf.shape for leaf in jax.tree_util.tree_leaves(state) if leaf.ndim == 2}
     # Anderson also keeps its history x history Gram matrix.
     assert buffer_shapes - {(3, 3)} == {(3, N)}
@@ -165,3 +167,48 @@ def test_broyden_converges_past_its_memory():
     assert int(sol.nfe) == counted.read()
     a, b = affine_system(norm=0.95, seed=2)
     assert relative_error(sol.value, np.linalg.solve(np.eye(N) - a, b)) <= 1e-3
+
+
+# ------------------------------------------------------------ as optimistix solvers
+
+
+@pytest.mark.parametrize("name", ["FixedPointIteration", "Anderson", "Broyden", "NewtonKrylov"])
+def test_optimistix_fixed_point_on_a_pytree(name):
+    """`optx.fixed_point` runs the solver itself, on a dict state; the NFE it reports in
+    `stats` is what a counting callback sees."""
+    problem = next(p for p in AFFINE_PROBLEMS if p.name == "dict")
+    counted = CountedFn(problem.fn)
+    solver = make_solver(name, rtol=1e-6)
+    if name in ("FixedPointIteration", "Anderson", "Broyden"):
+        assert isinstance(solver, optx.AbstractFixedPointSolver)
+    sol = optx.fixed_point(
+        counted, solver, problem.z0(jnp.float32), problem.args(jnp.float32), max_steps=200
+    )
+    assert sol.result == RESULTS.successful
+    assert relative_error(sol.value, problem.exact(jnp.float32)) <= 1e-5
+    assert set(sol.stats) >= {"num_steps", "nfe", "residual", "best_step"}
+    assert float(sol.stats["residual"]) <= 1e-6
+    if name == "NewtonKrylov":
+        assert int(sol.stats["nfe"]) >= counted.read()  # GMRES may break down early
+    else:
+        assert int(sol.stats["nfe"]) == counted.read() == int(sol.stats["num_steps"])
+
+
+@pytest.mark.parametrize("name", ["Broyden", "NewtonKrylov"])
+def test_optimistix_root_find(name):
+    """y + 0.1 y³ = c, a root problem that is not written as a fixed point."""
+    c = jnp.array([1.0, -2.0, 3.0, 0.5])
+
+    def g(y, c):
+        return c - y - 0.1 * y**3
+
+    solver = make_solver(name, atol=1e-6, termination="abs")
+    assert isinstance(solver, optx.AbstractRootFinder)
+    counted = CountedFn(g)
+    sol = optx.root_find(counted, solver, jnp.zeros(4), c, max_steps=100)
+    assert sol.result == RESULTS.successful
+    assert float(jnp.max(jnp.abs(g(sol.value, c)))) <= 1e-5
+    assert float(sol.stats["residual"]) <= 1e-6
+    assert int(sol.stats["nfe"]) >= counted.read() >= int(sol.stats["num_steps"])
+    if name == "Broyden":
+        assert int(sol.stats["nfe"]) == counted.read()

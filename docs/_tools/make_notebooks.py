@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+import optimistix as optx
 
 import imex_deq as deq
 from imex_deq.data import iterate_batches, load_digits
@@ -52,21 +53,25 @@ def result_counts(result):
 TRACE_HELPER = '''\
 def residual_trace(solver, f, x, z0, steps):
     """Relative residual ||f(z_k) - z_k|| / ||f(z_k)|| and cumulative NFE after each of
-    `steps` iterations of a discrete solver, by running its update rule (the same
-    `init`/`update` that `fixed_point` drives) in a `lax.scan`. Stopping is switched off,
-    so every step is recorded."""
+    `steps` iterations of a discrete solver, by running its optimistix `init`/`step` (the
+    same ones `fixed_point` drives) in a `lax.scan`. Stopping is switched off, so every
+    step is recorded. Root finders (Broyden, NewtonKrylov) see g(z) = f(z) - z."""
+    if isinstance(solver, optx.AbstractRootFinder):
+        fn = lambda z, x: (f(z, x) - z, None)
+    else:
+        fn = lambda z, x: (f(z, x), None)
 
     @jax.jit
     def run(x, z0):
-        fn = lambda z: f(z, x)
+        state = solver.init(fn, z0, x, {}, jax.eval_shape(lambda: z0), None, frozenset())
 
         def body(carry, _):
             z, state = carry
-            fz, z_next, state, nfe = solver.update(fn, z, state)
-            return (z_next, state), (deq.residual_norm(fz, z, "rel"), nfe)
+            z, state, _ = solver.step(fn, z, x, {}, state, frozenset())
+            return (z, state), (state.progress.latest, state.progress.nfe)
 
-        _, (res, nfe) = jax.lax.scan(body, (z0, solver.init(z0)), length=steps)
-        return res, jnp.cumsum(nfe)
+        _, (res, nfe) = jax.lax.scan(body, (z0, state), length=steps)
+        return res, nfe
 
     res, nfe = run(x, z0)
     return np.asarray(res), np.asarray(nfe)'''
@@ -245,8 +250,9 @@ print("result codes over the test set:", result_counts(info.result))"""),
 ## Residual per iteration, for every solver
 
 The same $f$ (the trained cell at one test image) solved by each solver. For the four
-discrete solvers we run their update rule step by step with stopping switched off, using
-the public `init`/`update` methods that `fixed_point` itself drives. The plot uses **NFE**
+discrete solvers we run their steps one by one with stopping switched off, using the
+optimistix `init`/`step` methods that `fixed_point` (through `optx.fixed_point`) drives.
+The plot uses **NFE**
 on the horizontal axis because one Newton–Krylov step costs many evaluations of $f$
 (a linearisation plus GMRES products) while the others cost one.
 
@@ -1277,7 +1283,7 @@ rescues a map that returns NaN.
 ### Residual traces
 
 The residual after every iteration tells the failures apart at a glance. (Traces run the
-solvers' update rule with stopping switched off, as in notebook 01; the NaN map is left
+solvers' steps with stopping switched off, as in notebook 01; the NaN map is left
 out since its residual is NaN from the first step.)
 """),
         code("""\

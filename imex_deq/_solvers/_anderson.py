@@ -1,22 +1,26 @@
 """Anderson acceleration (type II) with a bounded history."""
 
 import equinox as eqx
+import jax.flatten_util
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import Termination
-from ._base import AbstractIterativeSolver
+from .._solution import scaled_residual
+from ._base import AbstractFixedPointSolver, Progress
 from ._small_linalg import solve_spd
 
 
 class _AndersonState(eqx.Module):
+    progress: Progress
+    # The history, on the state raveled to one vector (one row per past iterate).
     images: Float[Array, "m n"]
     residuals: Float[Array, "m n"]
     gram: Float[Array, "m m"]  # residuals @ residuals.T, one row refreshed per step
     count: Int[Array, ""]
 
 
-class Anderson(AbstractIterativeSolver):
+class Anderson(AbstractFixedPointSolver):
     """Anderson acceleration: the next iterate mixes the last `history` iterates and their
     images under f with weights that minimise the combined residual. One f evaluation per
     step.
@@ -44,16 +48,23 @@ class Anderson(AbstractIterativeSolver):
         if self.ridge < 0:
             raise ValueError(f"Anderson: ridge must be non-negative, got {self.ridge}.")
 
-    def init(self, z):
-        buffer = jnp.zeros((self.history, z.size), z.dtype)
-        gram = jnp.zeros((self.history, self.history), z.dtype)
-        return _AndersonState(buffer, buffer, gram, jnp.array(0))
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        flat, _ = jax.flatten_util.ravel_pytree(y)
+        buffer = jnp.zeros((self.history, flat.size), flat.dtype)
+        gram = jnp.zeros((self.history, self.history), flat.dtype)
+        return _AndersonState(self.start(y, aux_struct), buffer, buffer, gram, jnp.array(0))
 
-    def update(self, fn, z, state: _AndersonState):
-        fz = fn(z)
+    def step(self, fn, y, args, options, state: _AndersonState, tags):
+        fz_tree, aux = fn(y, args)
+        z, unravel = jax.flatten_util.ravel_pytree(y)
+        fz, _ = jax.flatten_util.ravel_pytree(fz_tree)
+        g = fz - z
+        residual = scaled_residual(g, fz, self.termination)
+        progress = self.record(state.progress, fz_tree, aux, residual, 1)
+
         slot = state.count % self.history
         images = state.images.at[slot].set(fz)
-        residuals = state.residuals.at[slot].set(fz - z)  # unused slots stay zero
+        residuals = state.residuals.at[slot].set(g)  # unused slots stay zero
         used = jnp.arange(self.history) < jnp.minimum(state.count + 1, self.history)
         # Only the new residual's row of the Gram matrix changes: a matrix-vector product
         # instead of a (batched, on XLA CPU slow) matrix-matrix one.
@@ -67,5 +78,5 @@ class Anderson(AbstractIterativeSolver):
         z_next = weights @ images
         if self.damp != 0.0:  # mix the iterates z = f(z) - (f(z) - z) in by `damp`
             z_next = z_next - self.damp * (weights @ residuals)
-        new_state = _AndersonState(images, residuals, gram, state.count + 1)
-        return fz, z_next, new_state, jnp.array(1)
+        new_state = _AndersonState(progress, images, residuals, gram, state.count + 1)
+        return unravel(z_next), new_state, aux
