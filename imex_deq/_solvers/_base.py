@@ -125,9 +125,7 @@ class Progress(eqx.Module):
 
 
 class _WithValue(eqx.Module):
-    """`fn(z, args) -> (f(z), f(z))`: the map with its value as auxiliary output, so that a
-    root finder (run by `optx.fixed_point` on f(z) − z) also hands back f at the iterate
-    it keeps."""
+    """`fn(z, args) -> (f(z), f(z))`: the map with its value as auxiliary output."""
 
     fn: Callable
 
@@ -185,26 +183,29 @@ class _AbstractDiscreteSolver(AbstractSolver):
         stats["best_step"] = progress.best_step
         return progress.value, progress.aux, stats
 
-    def solve(self, fn, z0, args, *, max_steps, differentiable):
+    def _optimistix_solve(self, fn, z0, args, has_aux, max_steps, differentiable):
         adjoint = optx.RecursiveCheckpointAdjoint() if differentiable else optx.ImplicitAdjoint()
-        sol = optx.fixed_point(
-            _WithValue(fn),
+        return optx.fixed_point(
+            fn,
             self,
             z0,
             args,
-            has_aux=True,
+            has_aux=has_aux,
             max_steps=max_steps,
             adjoint=adjoint,
             throw=False,
         )
-        return Solution(
-            value=sol.aux,
-            result=sol.result,
-            num_steps=sol.stats["num_steps"],
-            nfe=sol.stats["nfe"],
-            residual=sol.stats["residual"],
-            stats={k: v for k, v in sol.stats.items() if k not in _OWN_STATS},
-        )
+
+
+def _solution(sol: optx.Solution, value: PyTree[Array]) -> Solution:
+    return Solution(
+        value=value,
+        result=sol.result,
+        num_steps=sol.stats["num_steps"],
+        nfe=sol.stats["nfe"],
+        residual=sol.stats["residual"],
+        stats={k: v for k, v in sol.stats.items() if k not in _OWN_STATS},
+    )
 
 
 class AbstractFixedPointSolver(_AbstractDiscreteSolver, optx.AbstractFixedPointSolver):
@@ -219,6 +220,10 @@ class AbstractFixedPointSolver(_AbstractDiscreteSolver, optx.AbstractFixedPointS
     f(y), y), nfe)`); `terminate`, `postprocess` and the DEQ `solve` come from here.
     """
 
+    def solve(self, fn, z0, args, *, max_steps, differentiable):
+        sol = self._optimistix_solve(fn, z0, args, False, max_steps, differentiable)
+        return _solution(sol, sol.value)
+
 
 class AbstractRootFinder(_AbstractDiscreteSolver, optx.AbstractRootFinder):
     """An imex-deq solver that is also an `optimistix.AbstractRootFinder`: `fn(y, args)`
@@ -229,3 +234,9 @@ class AbstractRootFinder(_AbstractDiscreteSolver, optx.AbstractRootFinder):
     To write one, implement `init` and `step` as for `AbstractFixedPointSolver`, recording
     `self.record(progress, y, aux, self.root_residual(g(y), y), nfe)`.
     """
+
+    def solve(self, fn, z0, args, *, max_steps, differentiable):
+        # optx.fixed_point runs a root finder on f(z) − z; with f(z) as auxiliary output the
+        # solve also hands back f at the iterate it returns.
+        sol = self._optimistix_solve(_WithValue(fn), z0, args, True, max_steps, differentiable)
+        return _solution(sol, sol.aux)

@@ -36,7 +36,11 @@ class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
     step is a plain fixed-point step (z ← z + g(z)). One evaluation per step.
 
     A root finder on g(z); for a fixed point (`fixed_point`, `optx.fixed_point`) it runs
-    on g(z) = f(z) − z.
+    on g(z) = f(z) − z. Its initial inverse-Jacobian estimate is −I, right for g(z) =
+    f(z) − z with a small ∂f/∂z (and for any g whose Jacobian is near −I).
+
+    A solve that stops without converging returns the lowest-residual iterate, not the
+    last one; `stats["best_step"]` says which step evaluated it.
 
     **Arguments:**
 
@@ -48,6 +52,8 @@ class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
     atol: float = 1e-6
     termination: Termination = "rel"
     memory: int = eqx.field(default=10, static=True)
+
+    returns_best = True
 
     def __check_init__(self):
         if self.memory < 1:
