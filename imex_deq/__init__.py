@@ -12,6 +12,7 @@ from ._deq import SkipRegDEQ as SkipRegDEQ
 from ._deq import with_fixed_depth as with_fixed_depth
 from ._fixed_point import ConvergenceError as ConvergenceError
 from ._fixed_point import fixed_point as fixed_point
+from ._linear_solve import FixedPointLinearSolver as FixedPointLinearSolver
 from ._neural_ode import NeuralODE as NeuralODE
 from ._precision import MixedPrecision as MixedPrecision
 from ._regularisers import jacobian_regularisation as jacobian_regularisation
@@ -28,5 +29,6 @@ from ._solvers import FixedPointIteration as FixedPointIteration
 from ._solvers import NewtonKrylov as NewtonKrylov
 from ._solvers import Progress as Progress
 from ._solvers import SteadyStateODE as SteadyStateODE
+from ._solvers import linear_solve_matvecs as linear_solve_matvecs
 
 __version__ = "0.1.0"
