@@ -25,6 +25,7 @@ from ._solvers import AbstractRootFinder as AbstractRootFinder
 from ._solvers import AbstractSolver as AbstractSolver
 from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
+from ._solvers import FixedDepth as FixedDepth
 from ._solvers import FixedPointIteration as FixedPointIteration
 from ._solvers import NewtonKrylov as NewtonKrylov
 from ._solvers import Progress as Progress

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._adjoint import AbstractAdjoint, ImplicitAdjoint, tally_backward_nfe
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint
 from ._custom_types import State
-from ._fixed_point import check_state, fixed_point, raise_if_failed
+from ._fixed_point import fixed_point
 from ._regularisers import jacobian_regularisation
-from ._solution import RESULTS, Solution, residual_norm
+from ._solution import RESULTS
 from ._solvers._base import AbstractSolver
+from ._solvers._fixed_depth import FixedDepth
 
 
 class DEQInfo(eqx.Module):
@@ -57,7 +58,8 @@ class AbstractDEQ(eqx.Module):
     - `max_steps`: solver step cap.
     - `throw`: raise when a solve fails instead of reporting it in `info.result`.
     - `fixed_depth`: if set, apply f exactly this many times from z0 with plain backprop
-      (pretraining); see `with_fixed_depth`.
+      (pretraining): the solve becomes `FixedDepth(fixed_depth)` (with the solver's
+      tolerances) under `UnrolledAdjoint`; see `with_fixed_depth`.
     - `state_shape`: `jax.ShapeDtypeStruct` PyTree of the state when it differs from x's.
     """
 
@@ -98,42 +100,28 @@ class AbstractDEQ(eqx.Module):
         """Returns `(z*, info)`. Differentiate with respect to `backward_counter` (a scalar
         zero) to read the backward NFE."""
         z0 = self.initial_guess(x)
-        fn = _Apply(self.f)
         if self.fixed_depth is None:
-            sol = fixed_point(
-                fn,
-                self.solver,
-                z0,
-                x,
-                adjoint=self.adjoint,
-                max_steps=self.max_steps,
-                throw=self.throw,
-                backward_counter=backward_counter,
-            )
+            solver, adjoint, max_steps = self.solver, self.adjoint, self.max_steps
         else:
-            sol = self._unroll(fn, z0, x, backward_counter)
+            solver = FixedDepth(
+                self.fixed_depth,
+                rtol=self.solver.rtol,
+                atol=self.solver.atol,
+                termination=self.solver.termination,
+            )
+            adjoint, max_steps = UnrolledAdjoint(), self.fixed_depth
+        sol = fixed_point(
+            _Apply(self.f),
+            solver,
+            z0,
+            x,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            throw=self.throw,
+            backward_counter=backward_counter,
+        )
         info = DEQInfo(z0, sol.value, sol.residual, sol.nfe, sol.num_steps, sol.result)
         return sol.value, info
-
-    def _unroll(self, fn, z0, x, backward_counter) -> Solution:
-        check_state(fn, z0, x)
-
-        def step(z, _):
-            return fn(z, x), z
-
-        z_last, previous = jax.lax.scan(step, z0, length=self.fixed_depth)
-        before_last = jax.tree_util.tree_map(lambda leaf: leaf[-1], previous)
-        residual = residual_norm(z_last, before_last, self.solver.termination)
-        result = RESULTS.where(
-            self.solver.converged(residual),
-            RESULTS.successful,
-            RESULTS.nonlinear_max_steps_reached,
-        )
-        depth = jnp.array(self.fixed_depth)
-        if backward_counter is not None:
-            z_last = tally_backward_nfe(z_last, backward_counter, depth)
-        sol = Solution(z_last, result, depth, depth, residual)
-        return raise_if_failed(sol, self.solver, self.fixed_depth) if self.throw else sol
 
     def jacobian_regularisation(
         self, x: PyTree[Array], info: DEQInfo, *, key: PRNGKeyArray
