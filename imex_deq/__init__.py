@@ -10,7 +10,6 @@ from ._deq import DEQInfo as DEQInfo
 from ._deq import SkipDEQ as SkipDEQ
 from ._deq import SkipRegDEQ as SkipRegDEQ
 from ._deq import with_fixed_depth as with_fixed_depth
-from ._fixed_point import ConvergenceError as ConvergenceError
 from ._fixed_point import fixed_point as fixed_point
 from ._linear_solve import FixedPointLinearSolver as FixedPointLinearSolver
 from ._neural_ode import NeuralODE as NeuralODE

@@ -1302,21 +1302,27 @@ plt.show()"""),
         md(r"""
 ## 2. `throw=True`
 
-With `throw=True` a failed solve raises. Outside `jit` you get a `deq.ConvergenceError`
-with the solver, its tolerances, the step count and the residual:
+With `throw=True` a failed solve raises an `equinox.EquinoxRuntimeError` (a
+`RuntimeError`) naming the solver, its tolerances, the step count and the residual. The
+check is one `eqx.branched_error_if`, the same eagerly and inside `jit` (where every
+training step runs); since a compiled program's messages are fixed when it is traced, the
+message gives the residual's decade rather than its digits:
 """),
         code("""\
+def first_line(error):
+    \"\"\"The message itself, without Equinox's advice on reading tracebacks.\"\"\"
+    lines = str(error).splitlines()
+    return next((line for line in lines if "EquinoxRuntimeError:" in line), lines[0])
+
+
 try:
     deq.fixed_point(maps["oscillating"], deq.FixedPointIteration(), z0, x, max_steps=40,
                     throw=True)
-except deq.ConvergenceError as error:
-    print(type(error).__name__, "->", error)"""),
+except eqx.EquinoxRuntimeError as error:
+    print(type(error).__name__, "->", first_line(error))"""),
         md(r"""
-Inside `jit` (where every training step runs) a Python exception cannot depend on array
-values, so the check becomes an Equinox runtime error raised when the compiled function
-runs; its message is fixed at compile time and carries the step count and the residual's
-decade. Layers take the same flag: `deq.DEQ(f, solver, throw=True)`. Under `vmap`, one
-failed sample is enough to raise.
+Layers take the same flag: `deq.DEQ(f, solver, throw=True)`. Under `vmap`, one failed
+sample is enough to raise.
 """),
         code("""\
 layer = deq.DEQ(maps["oscillating"], deq.FixedPointIteration(), max_steps=40, throw=True)
@@ -1330,10 +1336,8 @@ def solve(layer, batch):
 
 try:
     solve(layer, batch)
-except Exception as error:  # equinox.EquinoxRuntimeError, a RuntimeError
-    lines = str(error).splitlines()
-    print(type(error).__name__, "->",
-          next((line for line in lines if "EquinoxRuntimeError:" in line), lines[0]))"""),
+except eqx.EquinoxRuntimeError as error:
+    print(type(error).__name__, "->", first_line(error))"""),
         md(r"""
 Use `throw=True` while developing a model (fail fast, with the reason); in long training
 runs prefer `throw=False` and log the fraction of converged samples, so one hard batch does
