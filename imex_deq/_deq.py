@@ -3,13 +3,14 @@
 import abc
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint, tally_backward_nfe
 from ._custom_types import State
 from ._fixed_point import fixed_point
 from ._regularisers import jacobian_regularisation
@@ -27,7 +28,8 @@ class DEQInfo(eqx.Module):
       trains the predictor through it).
     - `z_star`: the equilibrium, carrying the adjoint's gradient.
     - `residual`: final residual (see the solver's `termination`).
-    - `nfe`: forward function evaluations.
+    - `nfe`: forward function evaluations, the initial guess's included (Skip Reg. DEQ's
+      f(0, x)).
     - `steps`: solver steps.
     - `result`: a `RESULTS` code.
     """
@@ -85,6 +87,9 @@ class AbstractDEQ(eqx.Module):
                 f"got {self.fixed_depth}."
             )
 
+    initial_guess_nfe: ClassVar[int] = 0
+    """Evaluations of f that `initial_guess` spends (counted in `info.nfe`)."""
+
     @abc.abstractmethod
     def initial_guess(self, x: PyTree[Array]) -> State:
         """z0 for input x."""
@@ -100,6 +105,9 @@ class AbstractDEQ(eqx.Module):
         """Returns `(z*, info)`. Differentiate with respect to `backward_counter` (a scalar
         zero) to read the backward NFE."""
         z0 = self.initial_guess(x)
+        if self.initial_guess_nfe and backward_counter is not None:
+            # One VJP through the guess's evaluations, run only when a gradient reaches z0.
+            z0 = tally_backward_nfe(z0, backward_counter, self.initial_guess_nfe)
         if self.fixed_depth is None:
             solver, adjoint, max_steps = self.solver, self.adjoint, self.max_steps
         else:
@@ -120,7 +128,8 @@ class AbstractDEQ(eqx.Module):
             throw=self.throw,
             backward_counter=backward_counter,
         )
-        info = DEQInfo(z0, sol.value, sol.residual, sol.nfe, sol.num_steps, sol.result)
+        nfe = sol.nfe + self.initial_guess_nfe
+        info = DEQInfo(z0, sol.value, sol.residual, nfe, sol.num_steps, sol.result)
         return sol.value, info
 
     def jacobian_regularisation(
@@ -175,7 +184,8 @@ class SkipDEQ(AbstractDEQ):
 
 class SkipRegDEQ(AbstractDEQ):
     """Skip Reg. DEQ: z0 = f(0, x), no extra parameters; `skip_loss(info)` pulls f(0, x)
-    towards z*.
+    towards z*. The evaluation f(0, x) is counted in `info.nfe` (and, when a gradient
+    reaches z0, its VJP in the backward NFE).
 
     **Arguments:**
 
@@ -185,6 +195,8 @@ class SkipRegDEQ(AbstractDEQ):
 
     f: Callable
     solver: AbstractSolver
+
+    initial_guess_nfe = 1
 
     def initial_guess(self, x):
         return self.f(self.zero_state(x), x)

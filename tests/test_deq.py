@@ -280,6 +280,14 @@ def test_neural_ode(cell, xs):
     assert tree_allclose(info2.z_star, z1, rtol=1e-6, atol=1e-6)
 
 
+def test_skip_reg_nfe_counts_the_initial_guess(cell, xs):
+    counted = CountedFn(cell)
+    deq = imex_deq.SkipRegDEQ(counted, imex_deq.FixedPointIteration(rtol=1e-5), max_steps=100)
+    _, info = deq(xs[0])
+    assert info.result == RESULTS.successful
+    assert int(info.nfe) == counted.read() == int(info.steps) + 1  # f(0, x), then the solve
+
+
 def test_fixed_depth_solver(cell, xs):
     x = xs[0]
     sol = imex_deq.fixed_point(

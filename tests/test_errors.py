@@ -234,6 +234,20 @@ def test_failed_solve_returns_last_iterate_and_residual(hard_args):
     np.testing.assert_allclose(float(sol.residual), expected, rtol=1e-5)
 
 
+def test_nonfinite_input_in_neural_ode_and_fixed_depth(cell):
+    """NaN input is `nonfinite` in the neural ODE and at fixed depth too, not a step cap."""
+    xs = jnp.stack([jnp.ones(N), jnp.full(N, jnp.nan)])
+    run = eqx.filter_jit(lambda layer, xs: jax.vmap(layer)(xs))
+    _, info = run(imex_deq.NeuralODE(cell, max_steps=50), xs)
+    assert bool((info.result == RESULTS.successful)[0])
+    assert bool((info.result == RESULTS.nonfinite)[1])
+
+    fixed = imex_deq.with_fixed_depth(imex_deq.DEQ(cell, imex_deq.Anderson()), 3)
+    _, info = run(fixed, xs)
+    assert bool((info.result == RESULTS.nonlinear_max_steps_reached)[0])  # 3 steps: not yet
+    assert bool((info.result == RESULTS.nonfinite)[1])
+
+
 def test_fixed_depth_throw_names_the_depth(cell):
     fixed = imex_deq.with_fixed_depth(imex_deq.DEQ(cell, imex_deq.Anderson(), throw=True), 2)
     with pytest.raises(eqx.EquinoxRuntimeError, match=r"FixedDepth\(.*after 2 steps"):

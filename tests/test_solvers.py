@@ -313,3 +313,20 @@ def test_converged_solves_return_their_last_iterate(name):
         assert sol.result == RESULTS.successful
         assert int(sol.stats["best_step"]) == int(sol.num_steps)
         assert int(sol.stats.get("restarts", 0)) == 0
+
+
+def test_newton_krylov_nfe_is_exact_without_breakdown():
+    """With GMRES restarted below the state size, no Krylov space breaks down early and
+    NewtonKrylov's count (a linearisation, then lineax GMRES's products) is exact."""
+    problem = AFFINE_PROBLEMS[0]
+    counted = CountedFn(problem.fn)
+    gmres = lx.GMRES(rtol=1e-3, atol=1e-6, restart=2, max_steps=10)
+    sol = imex_deq.fixed_point(
+        counted,
+        imex_deq.NewtonKrylov(rtol=1e-5, linear_solver=gmres),
+        problem.z0(jnp.float32),
+        problem.args(jnp.float32),
+        max_steps=50,
+    )
+    assert sol.result == RESULTS.successful
+    assert int(sol.nfe) == counted.read()
