@@ -26,7 +26,7 @@ class FixedPointLinearSolver(lx.AbstractLinearSolver):
     one vector–Jacobian product per evaluation: it converges where the forward
     fixed-point iteration does (spectral radius of ∂f/∂z below 1), and Anderson or
     Broyden accelerate it. It never calls LAPACK, which makes it the choice on several
-    sharded CPU devices (see STACK_NOTES).
+    sharded CPU devices (where batched LAPACK calls can deadlock XLA's CPU thread pool).
 
     `stats` reports `num_steps` and `nfe` (operator products).
 

@@ -25,6 +25,7 @@ def linear_solve_matvecs(solver: lx.AbstractLinearSolver, stats: dict, size: int
 
 
 def has_known_cost(solver: lx.AbstractLinearSolver) -> bool:
+    """Whether `linear_solve_matvecs` has a count for this solver's type."""
     return linear_solve_matvecs.dispatch(type(solver)) is not linear_solve_matvecs.dispatch(object)
 
 
