@@ -43,7 +43,7 @@ def fixed_point(
     z0: State,
     args: Args = None,
     *,
-    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),  # noqa: B008 (immutable)
     max_steps: int = 50,
     throw: bool = False,
     backward_counter: Float[Array, ""] | None = None,
