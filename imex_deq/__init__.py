@@ -10,8 +10,8 @@ from ._deq import DEQInfo as DEQInfo
 from ._deq import SkipDEQ as SkipDEQ
 from ._deq import SkipRegDEQ as SkipRegDEQ
 from ._deq import with_fixed_depth as with_fixed_depth
-from ._fixed_point import ConvergenceError as ConvergenceError
 from ._fixed_point import fixed_point as fixed_point
+from ._linear_solve import FixedPointLinearSolver as FixedPointLinearSolver
 from ._neural_ode import NeuralODE as NeuralODE
 from ._precision import MixedPrecision as MixedPrecision
 from ._regularisers import jacobian_regularisation as jacobian_regularisation
@@ -20,12 +20,16 @@ from ._residual_trace import residual_trace as residual_trace
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solution import residual_norm as residual_norm
-from ._solvers import AbstractIterativeSolver as AbstractIterativeSolver
+from ._solvers import AbstractFixedPointSolver as AbstractFixedPointSolver
+from ._solvers import AbstractRootFinder as AbstractRootFinder
 from ._solvers import AbstractSolver as AbstractSolver
 from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
+from ._solvers import FixedDepth as FixedDepth
 from ._solvers import FixedPointIteration as FixedPointIteration
 from ._solvers import NewtonKrylov as NewtonKrylov
+from ._solvers import Progress as Progress
 from ._solvers import SteadyStateODE as SteadyStateODE
+from ._solvers import linear_solve_matvecs as linear_solve_matvecs
 
 __version__ = "0.1.0"

@@ -13,9 +13,10 @@ import lineax as lx
 from jaxtyping import Array, Float
 
 from ._custom_types import Args, FixedPointFn, State
+from ._linear_solve import FixedPointLinearSolver
 from ._solution import Solution, tree_norm
-from ._solvers._base import AbstractIterativeSolver, AbstractSolver
-from ._solvers._newton_krylov import solve_normalised
+from ._solvers._base import AbstractFixedPointSolver, AbstractRootFinder, AbstractSolver
+from ._solvers._linear import solve_normalised
 
 
 class AbstractAdjoint(eqx.Module):
@@ -118,29 +119,53 @@ def _default_gmres():
 class ImplicitAdjoint(AbstractAdjoint):
     """Exact gradient by the implicit function theorem, matrix-free.
 
-    Solves (I − ∂f/∂z)ᵀ λ = ∂L/∂z* at z* with vector–Jacobian products, then returns
-    λᵀ ∂f/∂θ. The right-hand side is normalised to unit norm first, so the tolerances are
-    relative to the incoming cotangent's size. Backward NFE counts every VJP.
+    Solves (I − ∂f/∂z)ᵀ λ = ∂L/∂z* at z* with any lineax linear solver on
+    vector–Jacobian products, then returns λᵀ ∂f/∂θ. The right-hand side is normalised to
+    unit norm first, so the solver's tolerances are relative to the incoming cotangent's
+    size.
+
+    Backward NFE counts every VJP: one for λᵀ ∂f/∂θ, plus the linear solve's operator
+    products (`linear_solve_matvecs`: exact for `FixedPointLinearSolver`, `lineax.BiCGStab`
+    and `lineax.CG`; for `lineax.GMRES` an upper bound, 1 + (num_steps − 1)·(restart + 1),
+    reached unless a Krylov space breaks down early; NaN for a solver whose cost is not
+    registered there).
 
     **Arguments:**
 
-    - `linear_solver`: a `lineax.GMRES` (default: relative residual 1e-3 in the
-      two-norm, restart 4, at most 4 cycles; lineax always runs at least two cycles, so
-      this costs 11–21 VJPs),
-      or any discrete imex-deq solver (`FixedPointIteration`, `Anderson`, `Broyden`) run on
-      λ ↦ (∂f/∂z)ᵀλ + ∂L/∂z*. Iterative solvers never call LAPACK, so they are the choice on
-      several sharded CPU devices.
-    - `max_steps`: step cap for an iterative `linear_solver`.
+    - `linear_solver`: a lineax solver for the square system. The default is `lineax.GMRES`
+      with relative residual 1e-3 in the two-norm, restart 4 and at most 4 cycles (the
+      first of which only forms the residual), so 7–17 VJPs. Other choices:
+      `lineax.BiCGStab` (two VJPs per step; it can break down in float32),
+      `lineax.Normal(lineax.CG(...))` (CG on the normal equations: each step one VJP and
+      one JVP, and the condition number squared), or `FixedPointLinearSolver(solver)`,
+      which iterates λ ← (∂f/∂z)ᵀλ + ∂L/∂z* with a discrete imex-deq solver and never calls
+      LAPACK (the choice on several sharded CPU devices). A bare discrete imex-deq solver
+      (`FixedPointIteration`, `Anderson`, `Broyden`, `NewtonKrylov`) is wrapped in
+      `FixedPointLinearSolver(solver, max_steps)` for you.
+    - `max_steps`: the step cap of that wrapper, for a bare imex-deq solver.
     """
 
-    linear_solver: lx.GMRES | AbstractIterativeSolver = eqx.field(default_factory=_default_gmres)
-    max_steps: int = eqx.field(default=50, static=True)
+    linear_solver: lx.AbstractLinearSolver
+
+    def __init__(
+        self,
+        linear_solver: lx.AbstractLinearSolver
+        | AbstractFixedPointSolver
+        | AbstractRootFinder
+        | None = None,
+        max_steps: int = 50,
+    ):
+        if linear_solver is None:
+            linear_solver = _default_gmres()
+        elif isinstance(linear_solver, (AbstractFixedPointSolver, AbstractRootFinder)):
+            linear_solver = FixedPointLinearSolver(linear_solver, max_steps=max_steps)
+        self.linear_solver = linear_solver
 
     def __check_init__(self):
-        if not isinstance(self.linear_solver, (lx.GMRES, AbstractIterativeSolver)):
+        if not isinstance(self.linear_solver, lx.AbstractLinearSolver):
             raise TypeError(
-                "ImplicitAdjoint: linear_solver must be a lineax.GMRES or an imex-deq "
-                f"discrete solver, got {type(self.linear_solver).__name__}."
+                "ImplicitAdjoint: linear_solver must be a lineax linear solver or a discrete "
+                f"imex-deq solver, got {type(self.linear_solver).__name__}."
             )
 
     def apply(self, fn, solver, z0, args, *, max_steps, backward_counter):
@@ -150,23 +175,11 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     def solve_adjoint(self, vjp_z, cotangent: State) -> tuple[State, Array]:
         """λ solving λ = vjp_z(λ) + cotangent, and the VJPs it cost."""
-        if isinstance(self.linear_solver, lx.GMRES):
-            structure = jax.eval_shape(lambda: cotangent)
-            operator = lx.FunctionLinearOperator(
-                lambda v: jax.tree_util.tree_map(jnp.subtract, v, vjp_z(v)), structure
-            )
-            return solve_normalised(operator, cotangent, self.linear_solver)
-        scale = jnp.maximum(tree_norm(cotangent), 1e-30)
-        unit = jax.tree_util.tree_map(lambda g: g / scale.astype(g.dtype), cotangent)
-        sol = self.linear_solver.solve(
-            lambda lam, rhs: jax.tree_util.tree_map(jnp.add, vjp_z(lam), rhs),
-            unit,
-            unit,
-            max_steps=self.max_steps,
-            differentiable=False,
+        operator = lx.FunctionLinearOperator(
+            lambda v: jax.tree_util.tree_map(jnp.subtract, v, vjp_z(v)),
+            jax.eval_shape(lambda: cotangent),
         )
-        lam = jax.tree_util.tree_map(lambda v: v * scale.astype(v.dtype), sol.value)
-        return lam, sol.nfe
+        return solve_normalised(operator, cotangent, self.linear_solver)
 
 
 def _materialise(grad: State | None, like: State) -> State:

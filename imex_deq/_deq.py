@@ -3,18 +3,20 @@
 import abc
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._adjoint import AbstractAdjoint, ImplicitAdjoint, tally_backward_nfe
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint, tally_backward_nfe
 from ._custom_types import State
-from ._fixed_point import check_state, fixed_point, raise_if_failed
+from ._fixed_point import fixed_point
 from ._regularisers import jacobian_regularisation
-from ._solution import RESULTS, Solution, residual_norm
+from ._solution import RESULTS
 from ._solvers._base import AbstractSolver
+from ._solvers._fixed_depth import FixedDepth
 
 
 class DEQInfo(eqx.Module):
@@ -26,7 +28,8 @@ class DEQInfo(eqx.Module):
       trains the predictor through it).
     - `z_star`: the equilibrium, carrying the adjoint's gradient.
     - `residual`: final residual (see the solver's `termination`).
-    - `nfe`: forward function evaluations.
+    - `nfe`: forward function evaluations, the initial guess's included (Skip Reg. DEQ's
+      f(0, x)).
     - `steps`: solver steps.
     - `result`: a `RESULTS` code.
     - `dropout_masks`: the variational-dropout masks f was solved with (`None` without
@@ -86,7 +89,8 @@ class AbstractDEQ(eqx.Module):
     - `max_steps`: solver step cap.
     - `throw`: raise when a solve fails instead of reporting it in `info.result`.
     - `fixed_depth`: if set, apply f exactly this many times from z0 with plain backprop
-      (pretraining); see `with_fixed_depth`.
+      (pretraining): the solve becomes `FixedDepth(fixed_depth)` (with the solver's
+      tolerances) under `UnrolledAdjoint`; see `with_fixed_depth`.
     - `state_shape`: `jax.ShapeDtypeStruct` PyTree of the state when it differs from x's.
     """
 
@@ -111,6 +115,9 @@ class AbstractDEQ(eqx.Module):
                 f"{type(self).__name__}: fixed_depth must be None or at least 1, "
                 f"got {self.fixed_depth}."
             )
+
+    initial_guess_nfe: ClassVar[int] = 0
+    """Evaluations of f that `initial_guess` spends (counted in `info.nfe`)."""
 
     @abc.abstractmethod
     def initial_guess(self, fn: Callable, x: PyTree[Array]) -> State:
@@ -144,41 +151,32 @@ class AbstractDEQ(eqx.Module):
         masks = draw_dropout_masks(self.f, key, inference, type(self).__name__)
         fn = _Apply(self.f, masks)
         z0 = self.initial_guess(fn, x)
+        if self.initial_guess_nfe and backward_counter is not None:
+            # One VJP through the guess's evaluations, run only when a gradient reaches z0.
+            z0 = tally_backward_nfe(z0, backward_counter, self.initial_guess_nfe)
         if self.fixed_depth is None:
-            sol = fixed_point(
-                fn,
-                self.solver,
-                z0,
-                x,
-                adjoint=self.adjoint,
-                max_steps=self.max_steps,
-                throw=self.throw,
-                backward_counter=backward_counter,
-            )
+            solver, adjoint, max_steps = self.solver, self.adjoint, self.max_steps
         else:
-            sol = self._unroll(fn, z0, x, backward_counter)
-        info = DEQInfo(z0, sol.value, sol.residual, sol.nfe, sol.num_steps, sol.result, masks)
-        return sol.value, info
-
-    def _unroll(self, fn, z0, x, backward_counter) -> Solution:
-        check_state(fn, z0, x)
-
-        # A Python loop, not lax.scan: XLA CPU runs convolution weight gradients inside
-        # loop bodies on a generic path, ~7x slower (the depth is small and static).
-        before_last, z_last = z0, fn(z0, x)
-        for _ in range(self.fixed_depth - 1):
-            before_last, z_last = z_last, fn(z_last, x)
-        residual = residual_norm(z_last, before_last, self.solver.termination)
-        result = RESULTS.where(
-            self.solver.converged(residual),
-            RESULTS.successful,
-            RESULTS.nonlinear_max_steps_reached,
+            solver = FixedDepth(
+                self.fixed_depth,
+                rtol=self.solver.rtol,
+                atol=self.solver.atol,
+                termination=self.solver.termination,
+            )
+            adjoint, max_steps = UnrolledAdjoint(), self.fixed_depth
+        sol = fixed_point(
+            fn,
+            solver,
+            z0,
+            x,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            throw=self.throw,
+            backward_counter=backward_counter,
         )
-        depth = jnp.array(self.fixed_depth)
-        if backward_counter is not None:
-            z_last = tally_backward_nfe(z_last, backward_counter, depth)
-        sol = Solution(z_last, result, depth, depth, residual)
-        return raise_if_failed(sol, self.solver, self.fixed_depth) if self.throw else sol
+        nfe = sol.nfe + self.initial_guess_nfe
+        info = DEQInfo(z0, sol.value, sol.residual, nfe, sol.num_steps, sol.result, masks)
+        return sol.value, info
 
     def jacobian_regularisation(
         self, x: PyTree[Array], info: DEQInfo, *, key: PRNGKeyArray
@@ -233,7 +231,8 @@ class SkipDEQ(AbstractDEQ):
 
 class SkipRegDEQ(AbstractDEQ):
     """Skip Reg. DEQ: z0 = f(0, x), no extra parameters; `skip_loss(info)` pulls f(0, x)
-    towards z*.
+    towards z*. The evaluation f(0, x) is counted in `info.nfe` (and, when a gradient
+    reaches z0, its VJP in the backward NFE).
 
     **Arguments:**
 
@@ -243,6 +242,8 @@ class SkipRegDEQ(AbstractDEQ):
 
     f: Callable
     solver: AbstractSolver
+
+    initial_guess_nfe = 1
 
     def initial_guess(self, fn, x):
         return fn(self.zero_state(x), x)

@@ -3,7 +3,6 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
@@ -13,10 +12,6 @@ from ._solvers._base import AbstractSolver
 
 _RESIDUAL_DECADES = range(-12, 13)
 _STEP_BUCKETS = 101
-
-
-class ConvergenceError(RuntimeError):
-    """A solve with `throw=True` did not converge."""
 
 
 def describe_tree(tree) -> str:
@@ -63,9 +58,10 @@ def fixed_point(
     - `args`: everything else `fn` depends on (e.g. the layer input x).
     - `adjoint`: how gradients are computed (default `ImplicitAdjoint()`).
     - `max_steps`: the solver's step cap (for `SteadyStateODE`, ODE steps).
-    - `throw`: raise `ConvergenceError` (or, inside jit, an Equinox runtime error) naming the
-      solver, the steps and the residual if the solve fails. Default: report it in
-      `result` only.
+    - `throw`: raise `equinox.EquinoxRuntimeError` (a `RuntimeError`), eagerly or inside
+      `eqx.filter_jit` alike, naming the solver, the steps and the residual if the solve
+      fails (under plain `jax.jit`, JAX wraps it in its own runtime error). Under `vmap`
+      one failed sample raises. Default: report the failure in `result` only.
     - `backward_counter`: a scalar array; differentiate with respect to it to read the
       backward NFE of this solve (summed over a vmapped batch).
 
@@ -104,25 +100,13 @@ def _describe_solver(solver: AbstractSolver) -> str:
 
 
 def raise_if_failed(sol: Solution, solver: AbstractSolver, max_steps: int) -> Solution:
-    """Raise if `sol` did not converge; otherwise return it unchanged.
+    """`sol` unchanged, or an `equinox.EquinoxRuntimeError` if it did not converge.
 
-    Outside jit the message carries the exact step count and residual. Inside jit, where
-    error messages must be fixed at compile time, it carries the step count (exact up to
-    100) and the residual's decade.
+    One path for eager and jitted solves: `eqx.branched_error_if`, whose messages are fixed
+    when the solve is traced, so they carry the step count (exact up to 100) and the
+    residual's decade.
     """
-    name = _describe_solver(solver)
-    if not isinstance(sol.nfe, jax.core.Tracer):
-        failed = np.asarray(sol.result != RESULTS.successful)
-        if failed.any():
-            index = np.flatnonzero(failed.reshape(-1))[0]
-            steps = np.asarray(sol.num_steps).reshape(-1)[index]
-            residual = np.asarray(sol.residual).reshape(-1)[index]
-            raise ConvergenceError(
-                f"{name} failed after {steps} steps (max_steps={max_steps}) with residual "
-                f"{residual:.3g}: {RESULTS[sol.result] if failed.ndim == 0 else 'see result'}"
-            )
-        return sol
-    messages, index = _failure_messages(sol, name, max_steps)
+    messages, index = _failure_messages(sol, _describe_solver(solver), max_steps)
     failed = sol.result != RESULTS.successful
     value = eqx.branched_error_if(sol.value, failed, index, messages)
     return eqx.tree_at(lambda s: s.value, sol, value)
@@ -139,7 +123,7 @@ def _failure_messages(sol: Solution, name: str, max_steps: int):
             messages.append(f"{name} failed after {shown} steps: {reason}")
     for decade in _RESIDUAL_DECADES:
         messages.append(
-            f"{name} did not converge within max_steps={max_steps} steps; "
+            f"{name} did not converge after {max_steps} steps (max_steps={max_steps}); "
             f"residual ~1e{decade} (between 1e{decade} and 1e{decade + 1})"
         )
     step_bucket = jnp.minimum(sol.num_steps, _STEP_BUCKETS - 1)

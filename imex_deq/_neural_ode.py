@@ -12,7 +12,7 @@ from ._adjoint import tally_backward_nfe
 from ._deq import DEQInfo, _Apply, draw_dropout_masks
 from ._fixed_point import check_state
 from ._solution import RESULTS
-from ._solvers._steady_state_ode import ode_stage_count, ode_startup_count
+from ._solvers._steady_state_ode import ode_initial_state, ode_stage_count, ode_startup_count
 
 
 class _Field(eqx.Module):
@@ -27,7 +27,8 @@ class NeuralODE(eqx.Module):
     gradients by a standard diffrax adjoint.
 
     NFE forward: 1 (first-same-as-last stage) + new stages per step (diffrax's initial
-    step-size selection evaluates nothing here).
+    step-size selection evaluates nothing here). `info.result` is `nonfinite` when the
+    initial vector field or the final state is not finite (NaN input or parameters).
     Backward NFE (through `backward_counter`) equals the forward NFE with
     `RecursiveCheckpointAdjoint` (one VJP per evaluation); with `BacksolveAdjoint` the
     backward solve's steps are not observable and it reads NaN.
@@ -74,8 +75,15 @@ class NeuralODE(eqx.Module):
         masks = draw_dropout_masks(self.f, key, inference, "NeuralODE")
         f = _Apply(self.f, masks)
         check_state(f, z0, x)
+        term = dfx.ODETerm(_Field())
+        # The first-same-as-last stage, evaluated once here so that the NFE count stays
+        # exact when diffrax rejects first steps (see `ode_initial_state`).
+        solver_state = ode_initial_state(self.ode_solver, term, z0, (f, x))
+        if isinstance(self.adjoint, dfx.BacksolveAdjoint):
+            # Its gradient comes from the backward solve; it must not see one through here.
+            solver_state = jax.lax.stop_gradient(solver_state)
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(_Field()),
+            term,
             self.ode_solver,
             t0=0.0,
             t1=self.t1,
@@ -87,6 +95,7 @@ class NeuralODE(eqx.Module):
             max_steps=self.max_steps,
             adjoint=self.adjoint,
             throw=False,
+            solver_state=solver_state,
         )
         z1 = jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
         steps = sol.stats["num_steps"]
@@ -94,13 +103,25 @@ class NeuralODE(eqx.Module):
         if backward_counter is not None:
             backward = nfe if isinstance(self.adjoint, dfx.RecursiveCheckpointAdjoint) else jnp.nan
             z1 = tally_backward_nfe(z1, backward_counter, backward)
+        # With NaNs diffrax rejects every step until it runs out of steps: a non-finite
+        # state or initial vector field is reported as `nonfinite`, not as a step cap.
+        leaves = jax.tree_util.tree_leaves((z1, solver_state))
+        finite = jnp.all(
+            jnp.stack(
+                [jnp.all(jnp.isfinite(leaf)) for leaf in leaves if eqx.is_inexact_array(leaf)]
+            )
+        )
         result = RESULTS.where(
-            sol.result == dfx.RESULTS.successful,
-            RESULTS.successful,
+            ~finite,
+            RESULTS.nonfinite,
             RESULTS.where(
-                sol.result == dfx.RESULTS.max_steps_reached,
-                RESULTS.nonlinear_max_steps_reached,
-                RESULTS.nonlinear_divergence,
+                sol.result == dfx.RESULTS.successful,
+                RESULTS.successful,
+                RESULTS.where(
+                    sol.result == dfx.RESULTS.max_steps_reached,
+                    RESULTS.nonlinear_max_steps_reached,
+                    RESULTS.nonlinear_divergence,
+                ),
             ),
         )
         residual = jnp.array(jnp.nan, jax.tree_util.tree_leaves(z1)[0].dtype)

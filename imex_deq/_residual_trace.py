@@ -1,19 +1,17 @@
 """`residual_trace`: the residual after every step of a discrete solver, for diagnosis."""
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ._custom_types import Args, FixedPointFn, State
 from ._fixed_point import check_state
-from ._solution import residual_norm
-from ._solvers._base import AbstractIterativeSolver, residual_dtype
+from ._solvers._base import AbstractFixedPointSolver, AbstractRootFinder
 
 
 def residual_trace(
     fn: FixedPointFn,
-    solver: AbstractIterativeSolver,
+    solver: AbstractFixedPointSolver | AbstractRootFinder,
     z0: State,
     args: Args = None,
     *,
@@ -22,7 +20,7 @@ def residual_trace(
     """The residual after each of `steps` iterations of a discrete solver, with stopping
     switched off: the first thing to plot when a solve does not converge.
 
-    It runs the solver's own update rule (the `init` and `update` that `fixed_point`
+    It runs the solver's own optimistix `init` and `step` (the ones `fixed_point`
     drives) in a `jax.lax.scan`, so the trace is what `fixed_point` would see, step for
     step, except that it never stops early. Entry `k` of the trace belongs to iterate
     `k` (the initial guess is iterate 0); `fixed_point` reports the entry at index
@@ -32,7 +30,7 @@ def residual_trace(
 
     - `fn`, `z0`, `args`: as for `fixed_point`.
     - `solver`: a discrete solver (`FixedPointIteration`, `Anderson`, `Broyden`,
-      `NewtonKrylov` or your own `AbstractIterativeSolver`). `SteadyStateODE` has no
+      `NewtonKrylov` or your own `AbstractFixedPointSolver` / `AbstractRootFinder`). `SteadyStateODE` has no
       step-by-step rule of this kind.
     - `steps`: how many iterations to run.
 
@@ -49,25 +47,32 @@ def residual_trace(
     plt.semilogy(nfe, residuals)
     ```
     """
-    if not isinstance(solver, AbstractIterativeSolver):
+    if not isinstance(solver, (AbstractFixedPointSolver, AbstractRootFinder)):
         raise TypeError(
-            "residual_trace needs a discrete solver (an AbstractIterativeSolver such as "
-            f"Anderson), got {type(solver).__name__}."
+            "residual_trace needs a discrete solver (FixedPointIteration, Anderson, Broyden, "
+            f"NewtonKrylov or your own optimistix-style imex-deq solver), got "
+            f"{type(solver).__name__}."
         )
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be a positive int, got {steps!r}.")
     check_state(fn, z0, args)
-    flat0, unravel = jax.flatten_util.ravel_pytree(z0)
-    dtype = residual_dtype(z0)
+    if isinstance(solver, AbstractRootFinder):
+        # As `fixed_point` runs a root finder: on g(z) = f(z) - z, with f(z) as aux.
+        def step_fn(z, a):
+            fz = fn(z, a)
+            return jax.tree_util.tree_map(jnp.subtract, fz, z), fz
+    else:
 
-    def flat_fn(v):
-        return jax.flatten_util.ravel_pytree(fn(unravel(v), args))[0]
+        def step_fn(z, a):
+            return fn(z, a), None
+
+    f_struct, aux_struct = jax.eval_shape(step_fn, z0, args)
+    state = solver.init(step_fn, z0, args, {}, f_struct, aux_struct, frozenset())
 
     def body(carry, _):
         z, state = carry
-        fz, z_next, state, nfe = solver.update(flat_fn, z, state)
-        residual = residual_norm(unravel(fz), unravel(z), solver.termination).astype(dtype)
-        return (z_next, state), (residual, jnp.asarray(nfe))
+        z, state, _ = solver.step(step_fn, z, args, {}, state, frozenset())
+        return (z, state), (state.progress.latest, state.progress.nfe)
 
-    _, (residuals, nfe) = jax.lax.scan(body, (flat0, solver.init(flat0)), length=steps)
-    return residuals, jnp.cumsum(nfe)
+    _, (residuals, nfe) = jax.lax.scan(body, (z0, state), length=steps)
+    return residuals, nfe

@@ -1,5 +1,7 @@
 """The result of a fixed-point solve, and the rule that decides convergence."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,12 +20,16 @@ class Solution(eqx.Module):
 
     **Fields:**
 
-    - `value`: the equilibrium z* (f applied once more to the last iterate).
+    - `value`: the equilibrium z*: f applied once more to the returned iterate. That
+      iterate is the last one, except that `Anderson` and `Broyden` return their
+      lowest-residual iterate when they stop without converging.
     - `result`: a `RESULTS` code.
     - `num_steps`: solver iterations taken.
     - `nfe`: evaluations of f (a Jacobian-vector product or an ODE stage counts as one).
-    - `residual`: ‖f(z) − z‖ of the last iterate, relative to ‖f(z)‖ when the solver's
-      termination is `"rel"`.
+    - `residual`: ‖f(z) − z‖ of the returned iterate z, relative to ‖f(z)‖ when the
+      solver's termination is `"rel"`.
+    - `stats`: solver-specific extras, e.g. `best_step` (the step whose iterate was
+      returned) and, for `Anderson`, `restarts`.
     """
 
     value: State
@@ -31,6 +37,7 @@ class Solution(eqx.Module):
     num_steps: Int[Array, ""]
     nfe: Int[Array, ""]
     residual: Float[Array, ""]
+    stats: dict[str, Any] = eqx.field(default_factory=dict)
 
 
 def at_least_float32(dtype) -> jnp.dtype:
@@ -41,18 +48,29 @@ def at_least_float32(dtype) -> jnp.dtype:
     return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
+def residual_dtype(z: State):
+    """float32, or wider when the state is wider: residuals never run in bfloat16."""
+    return jnp.result_type(*(at_least_float32(leaf.dtype) for leaf in jax.tree_util.tree_leaves(z)))
+
+
 def tree_norm(tree: State) -> Float[Array, ""]:
     """Euclidean norm of a PyTree of arrays, as one flat vector."""
     leaves = [leaf.astype(at_least_float32(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(tree)]
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
 
 
-def residual_norm(fz: State, z: State, termination: Termination) -> Float[Array, ""]:
-    """‖f(z) − z‖, divided by ‖f(z)‖ (floored at a tiny number) when `termination="rel"`."""
-    diff = tree_norm(jax.tree_util.tree_map(lambda a, b: a - b, fz, z))
+def scaled_residual(difference: State, image: State, termination: Termination) -> Float[Array, ""]:
+    """‖difference‖, divided by ‖image‖ (floored at a tiny number) when `termination="rel"`.
+    For a fixed point, `difference = f(z) − z` and `image = f(z)`."""
+    diff = tree_norm(difference)
     if termination == "abs":
         return diff
-    return diff / jnp.maximum(tree_norm(fz), 1e-30)
+    return diff / jnp.maximum(tree_norm(image), 1e-30)
+
+
+def residual_norm(fz: State, z: State, termination: Termination) -> Float[Array, ""]:
+    """‖f(z) − z‖, divided by ‖f(z)‖ (floored at a tiny number) when `termination="rel"`."""
+    return scaled_residual(jax.tree_util.tree_map(lambda a, b: a - b, fz, z), fz, termination)
 
 
 def is_converged(

@@ -123,6 +123,40 @@ class CountedFn:
         return self.count
 
 
+class CountedVJP:
+    """Wraps `fn(z, args)` so that every vector–Jacobian product executed at run time is
+    counted by a `jax.debug.callback` in its custom VJP rule (primal evaluations are not
+    counted). Differentiable inputs are `z` and `args`. Read `count` with `read()`."""
+
+    def __init__(self, fn: Callable):
+        self.count = 0
+
+        def tick(*_):
+            self.count += 1
+
+        @jax.custom_vjp
+        def counted(z, args):
+            return fn(z, args)
+
+        def counted_fwd(z, args):
+            return fn(z, args), (z, args)
+
+        def counted_bwd(residuals, cotangent):
+            jax.debug.callback(tick, cotangent)
+            _, vjp = jax.vjp(fn, *residuals)
+            return vjp(cotangent)
+
+        counted.defvjp(counted_fwd, counted_bwd)
+        self.fn = counted
+
+    def __call__(self, z, args):
+        return self.fn(z, args)
+
+    def read(self) -> int:
+        jax.effects_barrier()
+        return self.count
+
+
 # ------------------------------------------------------------------------ problems
 
 

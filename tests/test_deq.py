@@ -278,3 +278,26 @@ def test_neural_ode(cell, xs):
     assert int(info2.nfe) == int(info.nfe)
     assert float(backward_nfe) == int(info2.nfe)
     assert tree_allclose(info2.z_star, z1, rtol=1e-6, atol=1e-6)
+
+
+def test_skip_reg_nfe_counts_the_initial_guess(cell, xs):
+    counted = CountedFn(cell)
+    deq = imex_deq.SkipRegDEQ(counted, imex_deq.FixedPointIteration(rtol=1e-5), max_steps=100)
+    _, info = deq(xs[0])
+    assert info.result == RESULTS.successful
+    assert int(info.nfe) == counted.read() == int(info.steps) + 1  # f(0, x), then the solve
+
+
+def test_fixed_depth_solver(cell, xs):
+    x = xs[0]
+    sol = imex_deq.fixed_point(
+        cell, imex_deq.FixedDepth(4), jnp.zeros(N), x, adjoint=imex_deq.UnrolledAdjoint()
+    )
+    z = [jnp.zeros(N)]
+    for _ in range(4):
+        z.append(cell(z[-1], x))
+    assert tree_allclose(sol.value, z[4], rtol=1e-6, atol=1e-6)
+    assert int(sol.nfe) == int(sol.num_steps) == 4
+    assert np.isclose(float(sol.residual), float(imex_deq.residual_norm(z[4], z[3], "rel")))
+    with pytest.raises(ValueError, match="depth"):
+        imex_deq.FixedDepth(0)

@@ -112,3 +112,16 @@ def test_front_page_code_runs():
         exec(compile(block, "docs/index.md", "exec"), namespace)  # noqa: S102
     assert bool(namespace["sol"].result == imex_deq.RESULTS.successful)
     assert namespace["z_star"].shape == (8, 32)
+
+
+def test_readme_optimistix_example_runs():
+    """The README block that runs imex-deq solvers through optimistix directly."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "optx." in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+    sol = namespace["sol"]  # the root find
+    assert bool(sol.result == imex_deq.RESULTS.successful)
+    y = sol.value
+    assert float(abs(y + 0.1 * y**3 - namespace["jnp"].array([1.0, 2.0, 3.0])).max()) < 1e-5

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+import optimistix as optx
 import pytest
 from helpers import (
     AFFINE_PROBLEMS,
@@ -147,7 +148,8 @@ def test_solver_memory_independent_of_max_steps(name, option):
     assert few == many  # ... and nothing is sized by max_steps
     assert max(max(s, default=0) for s in many) < 100
     # The state the solver carries between steps is the bounded buffer.
-    state = jax.eval_shape(solver.init, jax.ShapeDtypeStruct((N,), jnp.float32))
+    y = jax.ShapeDtypeStruct((N,), jnp.float32)
+    state = jax.eval_shape(lambda y: solver.init(affine_fn, y, args, {}, y, None, frozenset()), y)
     buffer_shapes = {leaf.shape for leaf in jax.tree_util.tree_leaves(state) if leaf.ndim == 2}
     # Anderson also keeps its history x history Gram matrix.
     assert buffer_shapes - {(3, 3)} == {(3, N)}
@@ -165,3 +167,166 @@ def test_broyden_converges_past_its_memory():
     assert int(sol.nfe) == counted.read()
     a, b = affine_system(norm=0.95, seed=2)
     assert relative_error(sol.value, np.linalg.solve(np.eye(N) - a, b)) <= 1e-3
+
+
+# ------------------------------------------------------------ as optimistix solvers
+
+
+@pytest.mark.parametrize("name", ["FixedPointIteration", "Anderson", "Broyden", "NewtonKrylov"])
+def test_optimistix_fixed_point_on_a_pytree(name):
+    """`optx.fixed_point` runs the solver itself, on a dict state; the NFE it reports in
+    `stats` is what a counting callback sees."""
+    problem = next(p for p in AFFINE_PROBLEMS if p.name == "dict")
+    counted = CountedFn(problem.fn)
+    solver = make_solver(name, rtol=1e-6)
+    if name in ("FixedPointIteration", "Anderson", "Broyden"):
+        assert isinstance(solver, optx.AbstractFixedPointSolver)
+    sol = optx.fixed_point(
+        counted, solver, problem.z0(jnp.float32), problem.args(jnp.float32), max_steps=200
+    )
+    assert sol.result == RESULTS.successful
+    assert relative_error(sol.value, problem.exact(jnp.float32)) <= 1e-5
+    assert set(sol.stats) >= {"num_steps", "nfe", "residual", "best_step"}
+    assert float(sol.stats["residual"]) <= 1e-6
+    if name == "NewtonKrylov":
+        assert int(sol.stats["nfe"]) >= counted.read()  # GMRES may break down early
+    else:
+        assert int(sol.stats["nfe"]) == counted.read() == int(sol.stats["num_steps"])
+
+
+@pytest.mark.parametrize("name", ["Broyden", "NewtonKrylov"])
+def test_optimistix_root_find(name):
+    """y + 0.1 y³ = c, a root problem that is not written as a fixed point."""
+    c = jnp.array([1.0, -2.0, 3.0, 0.5])
+
+    def g(y, c):
+        return c - y - 0.1 * y**3
+
+    solver = make_solver(name, atol=1e-6, termination="abs")
+    assert isinstance(solver, optx.AbstractRootFinder)
+    counted = CountedFn(g)
+    sol = optx.root_find(counted, solver, jnp.zeros(4), c, max_steps=100)
+    assert sol.result == RESULTS.successful
+    assert float(jnp.max(jnp.abs(g(sol.value, c)))) <= 1e-5
+    assert float(sol.stats["residual"]) <= 1e-6
+    assert int(sol.stats["nfe"]) >= counted.read() >= int(sol.stats["num_steps"])
+    if name == "Broyden":
+        assert int(sol.stats["nfe"]) == counted.read()
+
+
+# ----------------------------------------------- best iterate and Anderson's safeguard
+
+
+def _hard_map(scale: float, n: int = 8, seed: int = 0):
+    """f(z) = tanh(W z + b) with W = −scale · (symmetric, eigenvalues 0.2 .. 1): plain
+    iteration oscillates, and for large `scale` Anderson and Broyden struggle too."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = -scale * q @ np.diag(np.linspace(0.2, 1.0, n)) @ q.T
+    b = 0.3 * rng.standard_normal(n)
+    return (jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32))
+
+
+def _tanh_map(z, args):
+    w, b = args
+    return jnp.tanh(w @ z + b)
+
+
+def _step_by_step(solver, args, steps):
+    """The iterates a solver evaluates in `steps` steps from 0, and its state after each,
+    by calling its optimistix `step` one at a time (as `fixed_point` does: root finders
+    see f(z) − z, and f(z) is the auxiliary output)."""
+    if isinstance(solver, optx.AbstractRootFinder):
+        fn = lambda y, a: (_tanh_map(y, a) - y, _tanh_map(y, a))
+    else:
+        fn = lambda y, a: (_tanh_map(y, a), _tanh_map(y, a))
+    y = jnp.zeros(8)
+    struct = jax.eval_shape(lambda: y)
+    state = solver.init(fn, y, args, {}, struct, struct, frozenset())
+    step = jax.jit(lambda y, state: solver.step(fn, y, args, {}, state, frozenset())[:2])
+    iterates, states = [], []
+    for _ in range(steps):
+        iterates.append(y)
+        y, state = step(y, state)
+        states.append(state)
+    return iterates, states
+
+
+@pytest.mark.parametrize("name, scale", [("Anderson", 20.0), ("Broyden", 4.0)])
+def test_step_cap_returns_the_lowest_residual_iterate(name, scale):
+    args = _hard_map(scale)
+    solver = make_solver(name, rtol=1e-5)
+    sol = imex_deq.fixed_point(_tanh_map, solver, jnp.zeros(8), args, max_steps=40)
+    iterates, _ = _step_by_step(solver, args, 40)
+    residuals = [float(imex_deq.residual_norm(_tanh_map(y, args), y, "rel")) for y in iterates]
+    best = int(np.argmin(residuals))
+    assert sol.result == RESULTS.nonlinear_max_steps_reached
+    assert int(sol.num_steps) == int(sol.nfe) == 40
+    assert residuals[-1] > 2 * residuals[best]  # the last iterate is not the best one
+    assert int(sol.stats["best_step"]) == best + 1
+    np.testing.assert_allclose(sol.value, _tanh_map(iterates[best], args), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(sol.residual), residuals[best], rtol=1e-4)
+
+
+def test_anderson_restarts_from_the_best_iterate():
+    args = _hard_map(20.0)
+    options = {"atol": 1e-5, "termination": "abs"}
+    solver = imex_deq.Anderson(**options, restart_ratio=10.0)
+    sol = imex_deq.fixed_point(_tanh_map, solver, jnp.zeros(8), args, max_steps=60)
+    plain = imex_deq.fixed_point(
+        _tanh_map,
+        imex_deq.Anderson(**options, restart_ratio=float("inf")),
+        jnp.zeros(8),
+        args,
+        max_steps=60,
+    )
+    assert int(plain.stats["restarts"]) == 0
+    assert int(sol.stats["restarts"]) >= 1
+    # On this problem the safeguard pays: a residual an order of magnitude lower.
+    assert float(sol.residual) < 0.1 * float(plain.residual)
+
+    iterates, states = _step_by_step(solver, args, 60)
+    residuals = [float(imex_deq.residual_norm(_tanh_map(y, args), y, "abs")) for y in iterates]
+    restarts = [int(s.restarts) for s in states]
+    assert restarts[-1] == int(sol.stats["restarts"])
+    for k in range(1, 59):
+        if restarts[k] > restarts[k - 1]:  # step k + 1 restarted
+            best = int(np.argmin(residuals[: k + 1]))
+            assert residuals[k] > 10.0 * residuals[best]
+            # The next iterate is a plain fixed-point step from the best one.
+            np.testing.assert_allclose(
+                iterates[k + 1], _tanh_map(iterates[best], args), rtol=1e-6, atol=1e-6
+            )
+
+
+@pytest.mark.parametrize("name", ["Anderson", "Broyden"])
+def test_converged_solves_return_their_last_iterate(name):
+    """On the shared problems nothing changes: no restart, the last iterate is the best."""
+    for problem in AFFINE_PROBLEMS:
+        sol = imex_deq.fixed_point(
+            problem.fn,
+            make_solver(name, rtol=1e-5),
+            problem.z0(jnp.float32),
+            problem.args(jnp.float32),
+            max_steps=200,
+        )
+        assert sol.result == RESULTS.successful
+        assert int(sol.stats["best_step"]) == int(sol.num_steps)
+        assert int(sol.stats.get("restarts", 0)) == 0
+
+
+def test_newton_krylov_nfe_is_exact_without_breakdown():
+    """With GMRES restarted below the state size, no Krylov space breaks down early and
+    NewtonKrylov's count (a linearisation, then lineax GMRES's products) is exact."""
+    problem = AFFINE_PROBLEMS[0]
+    counted = CountedFn(problem.fn)
+    gmres = lx.GMRES(rtol=1e-3, atol=1e-6, restart=2, max_steps=10)
+    sol = imex_deq.fixed_point(
+        counted,
+        imex_deq.NewtonKrylov(rtol=1e-5, linear_solver=gmres),
+        problem.z0(jnp.float32),
+        problem.args(jnp.float32),
+        max_steps=50,
+    )
+    assert sol.result == RESULTS.successful
+    assert int(sol.nfe) == counted.read()

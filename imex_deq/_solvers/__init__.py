@@ -1,7 +1,11 @@
 from ._anderson import Anderson as Anderson
-from ._base import AbstractIterativeSolver as AbstractIterativeSolver
+from ._base import AbstractFixedPointSolver as AbstractFixedPointSolver
+from ._base import AbstractRootFinder as AbstractRootFinder
 from ._base import AbstractSolver as AbstractSolver
+from ._base import Progress as Progress
 from ._broyden import Broyden as Broyden
+from ._fixed_depth import FixedDepth as FixedDepth
 from ._fixed_point_iteration import FixedPointIteration as FixedPointIteration
+from ._linear import linear_solve_matvecs as linear_solve_matvecs
 from ._newton_krylov import NewtonKrylov as NewtonKrylov
 from ._steady_state_ode import SteadyStateODE as SteadyStateODE

@@ -1,24 +1,33 @@
-"""The solver interface, and the optimistix loop that drives every discrete solver."""
+"""The solver interfaces.
+
+Every imex-deq solver is an `AbstractSolver`: it offers the DEQ solve
+`solve(fn, z0, args, *, max_steps, differentiable) -> Solution` that `fixed_point` and the
+layers call. The discrete solvers are also optimistix solvers (`AbstractFixedPointSolver`,
+`AbstractRootFinder`): they implement optimistix's `init` / `step`, keep a `Progress` in
+their state, and inherit `terminate`, `postprocess` and `solve` from here, so that
+`optx.fixed_point` / `optx.root_find` run them directly and the DEQ solve is one call of
+`optx.fixed_point`.
+"""
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._custom_types import Args, FixedPointFn, State, Termination
 from .._solution import (
     RESULTS,
     Solution,
-    at_least_float32,
     check_termination,
     is_converged,
+    residual_dtype,
     residual_norm,
+    scaled_residual,
     tree_norm,
 )
 
@@ -45,104 +54,17 @@ class AbstractSolver(eqx.Module):
     ) -> Solution:
         """Run the solve. With `differentiable=True` plain backprop through the steps works."""
 
-    def converged(self, residual: Float[Array, ""]):
+    def converged(self, residual: Float[Array, ""]) -> Bool[Array, ""]:
         """Whether `residual` meets this solver's termination rule."""
         return is_converged(residual, self.termination, self.rtol, self.atol)
 
 
-class AbstractIterativeSolver(AbstractSolver):
-    """A discrete solver defined by one update rule; optimistix runs the loop.
-
-    Subclasses implement `init` (method state from the initial guess, as a flat vector)
-    and `update` (one step: evaluate f, return f(z), the next iterate, the new state and
-    the number of f evaluations it cost).
-    """
-
-    @abc.abstractmethod
-    def init(self, z: Float[Array, " n"]) -> PyTree:
-        """The update rule's state before the first step."""
-
-    @abc.abstractmethod
-    def update(
-        self, fn: Callable[[Array], Array], z: Float[Array, " n"], state: PyTree
-    ) -> tuple[Array, Array, PyTree, Int[Array, ""] | int]:
-        """One step from `z`: returns `(f(z), z_next, new_state, nfe)`."""
-
-    def solve(self, fn, z0, args, *, max_steps, differentiable):
-        adjoint = optx.RecursiveCheckpointAdjoint() if differentiable else optx.ImplicitAdjoint()
-        sol = optx.fixed_point(
-            fn,
-            _OptimistixDriver(self, self.rtol, self.atol),
-            z0,
-            args,
-            max_steps=max_steps,
-            adjoint=adjoint,
-            throw=False,
-        )
-        return Solution(
-            value=sol.value,
-            result=sol.result,
-            num_steps=sol.stats["num_steps"],
-            nfe=sol.state.nfe,
-            residual=sol.state.residual,
-        )
-
-
-class _LoopState(eqx.Module):
-    method_state: PyTree
-    last_fz: State
-    residual: Float[Array, ""]
-    first_residual: Float[Array, ""]
-    nfe: Int[Array, ""]
-
-
-def residual_dtype(z: State):
-    """float32, or wider when the state is wider: residuals never run in bfloat16."""
-    return jnp.result_type(*(at_least_float32(leaf.dtype) for leaf in jax.tree_util.tree_leaves(z)))
-
-
-class _OptimistixDriver(optx.AbstractFixedPointSolver):
-    """Adapts an `AbstractIterativeSolver` to optimistix's init/step/terminate protocol."""
-
-    method: AbstractIterativeSolver
-    rtol: float
-    atol: float
-    norm: Callable = tree_norm
-
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        flat, _ = jax.flatten_util.ravel_pytree(y)
-        inf = jnp.array(jnp.inf, residual_dtype(y))
-        return _LoopState(self.method.init(flat), y, inf, inf, jnp.array(0))
-
-    def step(self, fn, y, args, options, state: _LoopState, tags):
-        flat, unravel = jax.flatten_util.ravel_pytree(y)
-
-        def flat_fn(v):
-            out, _ = fn(unravel(v), args)
-            return jax.flatten_util.ravel_pytree(out)[0]
-
-        flat_fz, flat_next, method_state, nfe = self.method.update(
-            flat_fn, flat, state.method_state
-        )
-        fz = unravel(flat_fz)
-        residual = residual_norm(fz, y, self.method.termination).astype(state.residual.dtype)
-        first = jnp.where(state.nfe == 0, residual, state.first_residual)
-        new_state = _LoopState(method_state, fz, residual, first, state.nfe + nfe)
-        return unravel(flat_next), new_state, None
-
-    def terminate(self, fn, y, args, options, state: _LoopState, tags):
-        return loop_verdict(self.method, state.residual, state.first_residual, state.nfe > 0)
-
-    def postprocess(self, fn, y, aux, args, options, state: _LoopState, tags, result):
-        return state.last_fz, aux, {}
-
-
-def loop_verdict(
+def verdict(
     solver: AbstractSolver,
     residual: Float[Array, ""],
     first_residual: Float[Array, ""],
     started: Any,
-) -> tuple[Any, RESULTS]:
+) -> tuple[Bool[Array, ""], RESULTS]:
     """`(stop, result)` for a residual: converged, non-finite, diverged, or keep going."""
     nonfinite = started & ~jnp.isfinite(residual)
     diverged = started & (residual > DIVERGENCE_RATIO * first_residual)
@@ -152,3 +74,169 @@ def loop_verdict(
         RESULTS.where(diverged, RESULTS.nonlinear_divergence, RESULTS.successful),
     )
     return solver.converged(residual) | nonfinite | diverged, result
+
+
+def tree_where(pred: Bool[Array, ""], new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+class Progress(eqx.Module):
+    """The part of a discrete solver's state that imex-deq reads: the iterate the solve
+    will return, and the counts. Start it with `solver.start(...)` in `init`, update it
+    with `solver.record(...)` once per step, and keep it in the state's `progress` field.
+
+    **Fields:**
+
+    - `value`: what the solve returns for the kept iterate z: f(z) for a fixed-point
+      solver, z itself for a root finder.
+    - `aux`: the auxiliary output of `fn` at z.
+    - `residual`: the residual of z (see `Termination`).
+    - `best_step`: the step (counted from 1) that evaluated z.
+    - `latest`, `first`: the residuals of the latest and of the first iterate.
+    - `steps`, `nfe`: steps taken and function evaluations spent.
+    """
+
+    value: PyTree[Array]
+    aux: PyTree[Any]
+    residual: Float[Array, ""]
+    best_step: Int[Array, ""]
+    latest: Float[Array, ""]
+    first: Float[Array, ""]
+    steps: Int[Array, ""]
+    nfe: Int[Array, ""]
+
+    def record(self, value, aux, residual, nfe, *, keep_best: bool) -> "Progress":
+        """After one step: the newest iterate's `value`, `aux` and `residual`, and the
+        evaluations the step cost. With `keep_best` the newest iterate is kept only if
+        its residual is the lowest so far (the first one always is)."""
+        residual = residual.astype(self.latest.dtype)
+        first = jnp.where(self.steps == 0, residual, self.first)
+        steps = self.steps + 1
+        if keep_best:
+            better = (residual < self.residual) | (self.steps == 0)
+            value = tree_where(better, value, self.value)
+            aux = tree_where(better, aux, self.aux)
+            kept = jnp.where(better, residual, self.residual)
+            best_step = jnp.where(better, steps, self.best_step)
+        else:
+            kept, best_step = residual, steps
+        nfe = self.nfe + jnp.asarray(nfe, self.nfe.dtype)
+        return Progress(value, aux, kept, best_step, residual, first, steps, nfe)
+
+
+class _WithValue(eqx.Module):
+    """`fn(z, args) -> (f(z), f(z))`: the map with its value as auxiliary output."""
+
+    fn: Callable
+
+    def __call__(self, z, args):
+        fz = self.fn(z, args)
+        return fz, fz
+
+
+_OWN_STATS = ("num_steps", "max_steps", "nfe", "residual")
+
+
+class _AbstractDiscreteSolver(AbstractSolver):
+    """What imex-deq's optimistix solvers share: the stopping rule, the statistics and
+    the DEQ solve."""
+
+    returns_best: ClassVar[bool] = False
+    """Whether the solve returns the lowest-residual iterate rather than the last one
+    (they differ only when the solve stops without converging)."""
+
+    @property
+    def norm(self) -> Callable[[PyTree], Array]:
+        """The norm of every residual (the two-norm of the whole PyTree)."""
+        return tree_norm
+
+    def start(self, y: PyTree[Array], aux_struct: PyTree[jax.ShapeDtypeStruct]) -> Progress:
+        """The `Progress` before the first step (for `init`)."""
+        inf = jnp.array(jnp.inf, residual_dtype(y))
+        aux = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
+        zero = jnp.array(0)
+        return Progress(y, aux, inf, zero, inf, inf, zero, zero)
+
+    def record(self, progress: Progress, value, aux, residual, nfe) -> Progress:
+        """`progress` after one step (for `step`); see `Progress.record`."""
+        return progress.record(value, aux, residual, nfe, keep_best=self.returns_best)
+
+    def fixed_point_residual(self, fz: PyTree[Array], y: PyTree[Array]) -> Float[Array, ""]:
+        """The residual of y from f(y) (fixed-point form)."""
+        return residual_norm(fz, y, self.termination)
+
+    def root_residual(self, g: PyTree[Array], y: PyTree[Array]) -> Float[Array, ""]:
+        """The residual of y from g(y) = f(y) − y (root form): ‖g(y)‖, relative to
+        ‖y + g(y)‖ (that is, ‖f(y)‖) when `termination="rel"`. For a root problem that is
+        not a fixed-point problem in disguise, use `termination="abs"`."""
+        if self.termination == "abs":
+            return tree_norm(g)
+        return scaled_residual(g, jax.tree_util.tree_map(jnp.add, y, g), self.termination)
+
+    def terminate(self, fn, y, args, options, state, tags):
+        progress = state.progress
+        return verdict(self, progress.latest, progress.first, progress.steps > 0)
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        progress = state.progress
+        stats = {"nfe": progress.nfe, "residual": progress.residual}
+        stats["best_step"] = progress.best_step
+        return progress.value, progress.aux, stats
+
+    def _optimistix_solve(self, fn, z0, args, has_aux, max_steps, differentiable):
+        adjoint = optx.RecursiveCheckpointAdjoint() if differentiable else optx.ImplicitAdjoint()
+        return optx.fixed_point(
+            fn,
+            self,
+            z0,
+            args,
+            has_aux=has_aux,
+            max_steps=max_steps,
+            adjoint=adjoint,
+            throw=False,
+        )
+
+
+def _solution(sol: optx.Solution, value: PyTree[Array]) -> Solution:
+    return Solution(
+        value=value,
+        result=sol.result,
+        num_steps=sol.stats["num_steps"],
+        nfe=sol.stats["nfe"],
+        residual=sol.stats["residual"],
+        stats={k: v for k, v in sol.stats.items() if k not in _OWN_STATS},
+    )
+
+
+class AbstractFixedPointSolver(_AbstractDiscreteSolver, optx.AbstractFixedPointSolver):
+    """An imex-deq solver that is also an `optimistix.AbstractFixedPointSolver`: `fn(y,
+    args)` returns `(f(y), aux)` and `optx.fixed_point(fn, solver, y0)` runs it directly.
+    The solution's `value` is f at the returned iterate, `stats` carries `nfe`,
+    `residual` and `best_step`.
+
+    To write one, implement optimistix's `init` (returning a state whose `progress`
+    field is `self.start(y, aux_struct)`) and `step` (evaluate `fn` once or more, and
+    update the progress with `self.record(progress, f(y), aux, self.fixed_point_residual(
+    f(y), y), nfe)`); `terminate`, `postprocess` and the DEQ `solve` come from here.
+    """
+
+    def solve(self, fn, z0, args, *, max_steps, differentiable):
+        sol = self._optimistix_solve(fn, z0, args, False, max_steps, differentiable)
+        return _solution(sol, sol.value)
+
+
+class AbstractRootFinder(_AbstractDiscreteSolver, optx.AbstractRootFinder):
+    """An imex-deq solver that is also an `optimistix.AbstractRootFinder`: `fn(y, args)`
+    returns `(g(y), aux)` and `optx.root_find(fn, solver, y0)` runs it directly;
+    `optx.fixed_point` runs it on g(y) = f(y) − y. The solution's `value` is the returned
+    iterate, `stats` carries `nfe`, `residual` and `best_step`.
+
+    To write one, implement `init` and `step` as for `AbstractFixedPointSolver`, recording
+    `self.record(progress, y, aux, self.root_residual(g(y), y), nfe)`.
+    """
+
+    def solve(self, fn, z0, args, *, max_steps, differentiable):
+        # optx.fixed_point runs a root finder on f(z) − z; with f(z) as auxiliary output the
+        # solve also hands back f at the iterate it returns.
+        sol = self._optimistix_solve(_WithValue(fn), z0, args, True, max_steps, differentiable)
+        return _solution(sol, sol.aux)

@@ -1,14 +1,18 @@
 """Limited-memory ("good") Broyden's method on g(z) = f(z) − z."""
 
 import equinox as eqx
+import jax.flatten_util
 import jax.numpy as jnp
+import optimistix as optx
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import Termination
-from ._base import AbstractIterativeSolver
+from ._base import AbstractRootFinder, Progress
 
 
 class _BroydenState(eqx.Module):
+    progress: Progress
+    # The rank-one terms and the previous step, on the state raveled to one vector.
     us: Float[Array, "m n"]
     vs: Float[Array, "m n"]
     previous_z: Float[Array, " n"]
@@ -26,10 +30,17 @@ def _inverse_rmv(us, vs, x):
     return -x + (us @ x) @ vs
 
 
-class Broyden(AbstractIterativeSolver):
+class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
     """Broyden's method with a rank-`memory` inverse-Jacobian approximation stored as a ring
     buffer of `memory` rank-one terms: memory is bounded, whatever `max_steps` is. The first
-    step is a plain fixed-point step. One f evaluation per step.
+    step is a plain fixed-point step (z ← z + g(z)). One evaluation per step.
+
+    A root finder on g(z); for a fixed point (`fixed_point`, `optx.fixed_point`) it runs
+    on g(z) = f(z) − z. Its initial inverse-Jacobian estimate is −I, right for g(z) =
+    f(z) − z with a small ∂f/∂z (and for any g whose Jacobian is near −I).
+
+    A solve that stops without converging returns the lowest-residual iterate, not the
+    last one; `stats["best_step"]` says which step evaluated it.
 
     **Arguments:**
 
@@ -42,17 +53,25 @@ class Broyden(AbstractIterativeSolver):
     termination: Termination = "rel"
     memory: int = eqx.field(default=10, static=True)
 
+    returns_best = True
+
     def __check_init__(self):
         if self.memory < 1:
             raise ValueError(f"Broyden: memory must be at least 1, got {self.memory}.")
 
-    def init(self, z):
-        buffer = jnp.zeros((self.memory, z.size), z.dtype)
-        return _BroydenState(buffer, buffer, z, jnp.zeros_like(z), jnp.array(0))
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        flat, _ = jax.flatten_util.ravel_pytree(y)
+        buffer = jnp.zeros((self.memory, flat.size), flat.dtype)
+        progress = self.start(y, aux_struct)
+        return _BroydenState(progress, buffer, buffer, flat, jnp.zeros_like(flat), jnp.array(0))
 
-    def update(self, fn, z, state: _BroydenState):
-        fz = fn(z)
-        g = fz - z
+    def step(self, fn, y, args, options, state: _BroydenState, tags):
+        g_tree, aux = fn(y, args)
+        z, unravel = jax.flatten_util.ravel_pytree(y)
+        g, _ = jax.flatten_util.ravel_pytree(g_tree)
+        residual = self.root_residual(g, z)
+        progress = self.record(state.progress, y, aux, residual, 1)
+
         dz = z - state.previous_z
         dg = g - state.previous_g
         step = _inverse_mv(state.us, state.vs, g)  # B g
@@ -72,4 +91,5 @@ class Broyden(AbstractIterativeSolver):
         vs = state.vs.at[slot].set(v)
         # B_new g = B g + u (v . g) - old_u (old_v . g): the ring slot's old term is replaced.
         z_next = z - (step + u * (v @ g) - old_u * (old_v @ g))
-        return fz, z_next, _BroydenState(us, vs, z, g, state.count + 1), jnp.array(1)
+        new_state = _BroydenState(progress, us, vs, z, g, state.count + 1)
+        return unravel(z_next), new_state, aux

@@ -1,12 +1,17 @@
 """Damped fixed-point (Picard) iteration."""
 
-import jax.numpy as jnp
+import equinox as eqx
+import jax
 
 from .._custom_types import Termination
-from ._base import AbstractIterativeSolver
+from ._base import AbstractFixedPointSolver, Progress
 
 
-class FixedPointIteration(AbstractIterativeSolver):
+class _FixedPointIterationState(eqx.Module):
+    progress: Progress
+
+
+class FixedPointIteration(AbstractFixedPointSolver):
     """z ← (1 − damp)·f(z) + damp·z. One f evaluation per step.
 
     **Arguments:**
@@ -24,10 +29,17 @@ class FixedPointIteration(AbstractIterativeSolver):
         if not 0.0 <= self.damp < 1.0:
             raise ValueError(f"FixedPointIteration: damp must lie in [0, 1), got {self.damp}.")
 
-    def init(self, z):
-        return None
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        return _FixedPointIterationState(self.start(y, aux_struct))
 
-    def update(self, fn, z, state):
-        fz = fn(z)
-        z_next = fz if self.damp == 0.0 else (1 - self.damp) * fz + self.damp * z
-        return fz, z_next, state, jnp.array(1)
+    def step(self, fn, y, args, options, state, tags):
+        fz, aux = fn(y, args)
+        residual = self.fixed_point_residual(fz, y)
+        progress = self.record(state.progress, fz, aux, residual, 1)
+        if self.damp == 0.0:
+            y_next = fz
+        else:
+            y_next = jax.tree_util.tree_map(
+                lambda new, old: (1 - self.damp) * new + self.damp * old, fz, y
+            )
+        return y_next, _FixedPointIterationState(progress), aux

@@ -6,65 +6,59 @@ import jax.numpy as jnp
 import lineax as lx
 
 from .._custom_types import Termination
-from .._solution import tree_norm
-from ._base import AbstractIterativeSolver
+from ._base import AbstractRootFinder, Progress
+from ._linear import has_known_cost, solve_normalised
 
 
-def gmres_matvecs(solver: lx.GMRES, num_steps) -> jax.Array:
-    """Matrix-vector products lineax's GMRES spent: a first residual product, then per
-    restart cycle up to `restart` Arnoldi products and one residual product (an upper bound,
-    reached unless the Krylov space breaks down early)."""
-    return 1 + jnp.maximum(num_steps - 1, 0) * (solver.restart + 1)
+class _NewtonKrylovState(eqx.Module):
+    progress: Progress
 
 
-def solve_normalised(operator: lx.AbstractLinearOperator, rhs, solver: lx.GMRES):
-    """Solve `operator x = rhs` on a unit-norm right-hand side, so the solver's tolerances
-    are relative whatever the scale of `rhs`. Returns `(x, matvecs)`."""
-    scale = jnp.maximum(tree_norm(rhs), float(jnp.finfo(jnp.float32).tiny)).astype(
-        jax.tree_util.tree_leaves(rhs)[0].dtype
-    )
-    unit = jax.tree_util.tree_map(lambda leaf: leaf / scale, rhs)
-    sol = lx.linear_solve(operator, unit, solver, throw=False)
-    x = jax.tree_util.tree_map(lambda leaf: leaf * scale, sol.value)
-    return x, gmres_matvecs(solver, sol.stats["num_steps"])
+class NewtonKrylov(AbstractRootFinder):
+    """Newton's method on g(z), each Newton system −∂g/∂z d = g(z) solved inexactly by a
+    matrix-free lineax solver on Jacobian-vector products. For a fixed point g(z) = f(z) − z
+    and the system is (I − ∂f/∂z) d = f(z) − z.
 
-
-class NewtonKrylov(AbstractIterativeSolver):
-    """Newton's method on g(z) = f(z) − z, each Newton system (I − ∂f/∂z) d = f(z) − z solved
-    inexactly by lineax's GMRES on Jacobian-vector products.
-
-    NFE per step: one linearisation of f plus one per GMRES product.
+    NFE per step: one linearisation of g plus one per linear-solver product (for GMRES an
+    upper bound, see `linear_solve_matvecs`).
 
     **Arguments:**
 
     - `rtol`, `atol`, `termination`: the stopping rule (see `Termination`).
-    - `linear_solver`: a `lineax.GMRES`; its tolerances are relative to ‖f(z) − z‖.
+    - `linear_solver`: a matrix-free lineax solver (default `lineax.GMRES`); its
+      tolerances are relative to ‖g(z)‖.
     """
 
     rtol: float = 1e-3
     atol: float = 1e-6
     termination: Termination = "rel"
-    linear_solver: lx.GMRES = eqx.field(
+    linear_solver: lx.AbstractLinearSolver = eqx.field(
         default_factory=lambda: lx.GMRES(rtol=1e-2, atol=1e-4, restart=8, max_steps=3)
     )
 
     def __check_init__(self):
-        if not isinstance(self.linear_solver, lx.GMRES):
+        known = isinstance(self.linear_solver, lx.AbstractLinearSolver) and has_known_cost(
+            self.linear_solver
+        )
+        if not known:
             raise TypeError(
-                "NewtonKrylov: linear_solver must be a lineax.GMRES, "
-                f"got {type(self.linear_solver).__name__}."
+                "NewtonKrylov: linear_solver must be a lineax solver whose cost in products "
+                f"is known (GMRES, BiCGStab, Normal(CG)), got {type(self.linear_solver).__name__}."
             )
 
-    def init(self, z):
-        return None
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        return _NewtonKrylovState(self.start(y, aux_struct))
 
-    def update(self, fn, z, state):
-        fz, jvp = jax.linearize(fn, z)
+    def step(self, fn, y, args, options, state, tags):
+        g, jvp, aux = jax.linearize(lambda v: fn(v, args), y, has_aux=True)
+        residual = self.root_residual(g, y)
         operator = lx.FunctionLinearOperator(
-            lambda v: v - jvp(v), jax.ShapeDtypeStruct(z.shape, z.dtype)
+            lambda v: jax.tree_util.tree_map(jnp.negative, jvp(v)), jax.eval_shape(lambda: y)
         )
-        step, matvecs = solve_normalised(operator, fz - z, self.linear_solver)
-        return fz, z + step, state, 1 + matvecs
+        step, matvecs = solve_normalised(operator, g, self.linear_solver)
+        progress = self.record(state.progress, y, aux, residual, 1 + matvecs)
+        y_next = jax.tree_util.tree_map(jnp.add, y, step)
+        return y_next, _NewtonKrylovState(progress), aux
 
     def solve(self, fn, z0, args, *, max_steps, differentiable):
         if differentiable:

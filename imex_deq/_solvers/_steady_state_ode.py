@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from .._custom_types import Termination
-from .._solution import RESULTS, Solution, residual_norm
-from ._base import AbstractSolver, loop_verdict, residual_dtype
+from .._solution import RESULTS, Solution, residual_dtype, residual_norm
+from ._base import AbstractSolver, verdict
 
 
 class _Relaxation(eqx.Module):
@@ -118,7 +118,7 @@ class SteadyStateODE(AbstractSolver):
         steps = sol.stats["num_steps"]
         startup = ode_startup_count(self.ode_solver)
         nfe = startup + 1 + steps * (ode_stage_count(self.ode_solver) + 1) + 1
-        _, failure = loop_verdict(self, residual, jnp.asarray(jnp.inf, residual.dtype), True)
+        _, failure = verdict(self, residual, jnp.asarray(jnp.inf, residual.dtype), True)
         # A non-finite state is reported as such, whatever stopped the integration (with
         # NaNs diffrax rejects every step until it runs out of steps).
         result = RESULTS.where(
