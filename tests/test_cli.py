@@ -170,3 +170,14 @@ def test_diverging_train_run_exits_non_zero_with_the_step(capsys, tmp_path):
     assert captured.err.startswith("imex-deq: error: training stopped at step 2: the loss is nan")
     assert str(tmp_path / "checkpoint.eqx") in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_reproduce_resume_runs(tmp_path):
+    argv = [
+        "reproduce", "mnist-dense", "--dataset", "digits", "--seeds", "1", "--epochs", "1",
+        "--solvers", "anderson", "--models", "explicit", "--limit-train", "64",
+        "--limit-test", "32", "--batch-size", "32", "--no-progress",
+        "--resume", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "mnist-dense" / "runs" / "explicit-s0" / "summary.json").is_file()

@@ -169,7 +169,10 @@ def _run(args: argparse.Namespace) -> None:
         out_dir=args.out,
         with_jac=not args.no_jac,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-        base=dataclasses.replace(_base_config(args), dataset=args.dataset, resume=args.resume),
+        # Each run's own folder replaces out_dir; it is set here so resume validates.
+        base=dataclasses.replace(
+            _base_config(args), dataset=args.dataset, out_dir=args.out, resume=args.resume
+        ),
     )
 
 
