@@ -129,20 +129,22 @@ plt.show()
 # %% [markdown]
 # ## 2. `throw=True`
 #
-# With `throw=True` a failed solve raises. Outside `jit` you get a `deq.ConvergenceError`
-# that names the solver, its tolerances, the step count and the residual:
+# With `throw=True` a failed solve raises an `equinox.EquinoxRuntimeError` (a
+# `RuntimeError`) that names the solver, its tolerances, the step count and the residual's
+# order of magnitude. The same check runs eagerly and inside `jit`:
 
 # %%
 try:
     deq.fixed_point(maps["oscillating"], deq.FixedPointIteration(), z0, x, max_steps=40, throw=True)
-except deq.ConvergenceError as error:
-    print(type(error).__name__, "->", error)
+except RuntimeError as error:  # an equinox.EquinoxRuntimeError
+    lines = str(error).splitlines()
+    message = next((line for line in lines if "EquinoxRuntimeError:" in line), lines[0])
+    print(type(error).__name__, "->", message)
 
 # %% [markdown]
-# Inside `jit`, where every training step runs, a Python exception cannot depend on array
-# values. The check becomes an Equinox runtime error instead, raised when the compiled
-# function runs. Its message is fixed at compile time, so it carries the step count and
-# the residual's order of magnitude rather than exact values. Layers take the same flag,
+# Inside `jit`, where every training step runs, the error is raised when the compiled
+# function runs. Its message is fixed at compile time, which is why it carries the step
+# count and the residual's order of magnitude rather than exact values. Layers take the same flag,
 # `deq.DEQ(f, solver, throw=True)`; under `vmap`, one failed sample is enough to raise.
 
 # %%

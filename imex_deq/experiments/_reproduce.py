@@ -123,9 +123,13 @@ def table(results: dict[Variant, list[dict]], solver: str, paper: dict) -> str:
     for variant in rows:
         cells = []
         for _, key, scale in COLUMNS:
+            if any(key not in run and key != "train_min" for run in results[variant]):
+                cells.append("—")  # a summary written before the column existed
+                continue
             mean, std = _stats(results[variant], key, scale)
             base = None
-            if vanilla is not None and variant != vanilla:
+            measured = key == "train_min" or key in results[vanilla or variant][0]
+            if vanilla is not None and variant != vanilla and measured:
                 base = _stats(results[vanilla], key, scale)[0]
             cells.append(_cell(mean, std, base, paper.get(variant.label, {}).get(key)))
         lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
