@@ -34,7 +34,7 @@ def test_every_backward_strategy_builds(name):
     assert isinstance(adjoint, imex_deq.AbstractAdjoint)
     assert isinstance(adjoint, imex_deq.ImplicitAdjoint) == ADJOINTS[name].implicit
     if name in ("anderson", "fixed-point"):  # rtol reaches the iterative linear solve
-        assert adjoint.linear_solver.rtol == 1e-4
+        assert adjoint.linear_solver.solver.rtol == 1e-4
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
