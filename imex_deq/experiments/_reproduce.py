@@ -57,6 +57,7 @@ def paper_figures(experiment: str, solver: str) -> dict:
 COLUMNS = (
     ("test accuracy %", "test_accuracy", 100.0),
     ("test NFE", "test_nfe", 1.0),
+    ("test converged %", "test_converged", 100.0),
     ("train time (min)", "train_min", 1.0),
     ("step (s/batch)", "step_s", 1.0),
     ("backward (s/batch)", "backward_s", 1.0),

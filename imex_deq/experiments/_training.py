@@ -187,7 +187,7 @@ class Trainer(eqx.Module):
     @eqx.filter_jit
     def predict(self, model, x):
         logits, info, _ = jax.vmap(lambda image: model.forward(image, inference=True))(x)
-        return jnp.argmax(logits, -1), info.nfe
+        return jnp.argmax(logits, -1), info.nfe, info.result == RESULTS.successful
 
 
 def _all_finite(tree) -> Array:
@@ -199,18 +199,24 @@ def _all_finite(tree) -> Array:
 def evaluate(
     trainer: Trainer, model, x: np.ndarray, y: np.ndarray, batch_size: int, put=jnp.asarray
 ) -> dict:
-    """Test accuracy and mean NFE over all of (x, y); the last batch is padded, not
-    recompiled. `put` places a batch on the devices (e.g. sharded for data parallelism)."""
-    correct, nfes = 0, []
+    """Test accuracy, mean NFE and the fraction of samples whose solve met the tolerance
+    (result `successful`) over all of (x, y); the last batch is padded, not recompiled.
+    `put` places a batch on the devices (e.g. sharded for data parallelism)."""
+    correct, nfes, solved = 0, [], []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
         real = len(xb)
         if real < batch_size:
             xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - real, 0)])
-        predictions, nfe = trainer.predict(model, put(xb))
+        predictions, nfe, converged = trainer.predict(model, put(xb))
         correct += int(np.sum(to_host(predictions)[:real] == y[start : start + real]))
         nfes.extend(to_host(nfe)[:real].tolist())
-    return {"test_accuracy": correct / len(x), "test_nfe": float(np.mean(nfes))}
+        solved.extend(to_host(converged)[:real].tolist())
+    return {
+        "test_accuracy": correct / len(x),
+        "test_nfe": float(np.mean(nfes)),
+        "test_converged": float(np.mean(solved)),
+    }
 
 
 def _step_key(config: TrainConfig, global_step: int):
