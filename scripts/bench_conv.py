@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,11 +43,10 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-if ARGS.threads:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={ARGS.threads}"
-    )
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import threads, timing
+
+threads.configure_threads(ARGS.threads)  # before jax is imported
 
 import equinox as eqx
 import jax
@@ -66,11 +64,7 @@ def timed(fn, *args, steps: int) -> tuple[float, float]:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+    times = [timing.timed(lambda: jax.block_until_ready(fn(*args)))[1] for _ in range(steps)]
     return first, statistics.median(times)
 
 
@@ -223,8 +217,7 @@ def cifar_large_compile(args, key):
 def main(args):
     key = jax.random.PRNGKey(0)
     started = time.time()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"jax {jax.__version__}, {machine}, {args.threads} thread(s)", file=sys.stderr)
+    print(f"jax {jax.__version__}, {threads.machine_line(args.threads)}", file=sys.stderr)
     results = {"args": vars(args), "jax": jax.__version__}
     plain, explicit = explicit_rows(args, key)
     results.update(plain=plain, explicit=explicit)

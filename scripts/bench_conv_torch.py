@@ -5,14 +5,12 @@ check, outside the timed calls."""
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import equinox as eqx
 import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench import timing
 
 from imex_deq import nn
 
@@ -119,13 +117,8 @@ def _relative(ours, theirs) -> float:
 
 
 def _median_ms(fn, steps: int) -> float:
-    fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    fn()  # warm-up
+    return timing.median_ms([timing.timed(fn)[1] for _ in range(steps)])
 
 
 def torch_cell_timings(cell, z, injection, cotangent, steps: int, threads: int) -> dict:
