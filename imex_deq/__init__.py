@@ -1,6 +1,7 @@
 """imex-deq: implicit-explicit deep equilibrium models (Skip DEQs, continuous DEQs) in JAX."""
 
 from ._adjoint import AbstractAdjoint as AbstractAdjoint
+from ._adjoint import AbstractEquilibriumAdjoint as AbstractEquilibriumAdjoint
 from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
@@ -10,6 +11,7 @@ from ._deq import DEQInfo as DEQInfo
 from ._deq import SkipDEQ as SkipDEQ
 from ._deq import SkipRegDEQ as SkipRegDEQ
 from ._deq import with_fixed_depth as with_fixed_depth
+from ._early_exit_gmres import EarlyExitGMRES as EarlyExitGMRES
 from ._fixed_point import fixed_point as fixed_point
 from ._linear_solve import FixedPointLinearSolver as FixedPointLinearSolver
 from ._neural_ode import NeuralODE as NeuralODE
@@ -17,6 +19,7 @@ from ._precision import MixedPrecision as MixedPrecision
 from ._regularisers import jacobian_regularisation as jacobian_regularisation
 from ._regularisers import skip_loss as skip_loss
 from ._residual_trace import residual_trace as residual_trace
+from ._shine import ShineAdjoint as ShineAdjoint
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solution import residual_norm as residual_norm

@@ -5,6 +5,7 @@ solver steps; the others use the equilibrium alone.
 """
 
 import abc
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -112,11 +113,42 @@ class PhantomAdjoint(AbstractAdjoint):
         return eqx.tree_at(lambda s: (s.value, s.nfe), sol, (value, sol.nfe + self.steps))
 
 
+class AbstractEquilibriumAdjoint(AbstractAdjoint):
+    """An adjoint that differentiates the equilibrium alone: the forward solve runs
+    without gradient; the backward pass finds λ ≈ (I − ∂f/∂z)⁻ᵀ ∂L/∂z* at z* with
+    vector–Jacobian products of f and returns λᵀ ∂f/∂θ (one more VJP).
+
+    Subclasses say how λ is found (`solve_adjoint`) and may keep something from the
+    forward solve for it (`forward`)."""
+
+    def forward(self, fn, solver, z0, args, max_steps) -> tuple[Solution, Any]:
+        """The forward solve, and what the backward pass keeps from it (default: nothing)."""
+        return solver.solve(fn, z0, args, max_steps=max_steps, differentiable=False), None
+
+    @abc.abstractmethod
+    def solve_adjoint(self, vjp_z, cotangent: State, memory: Any) -> tuple[State, Array]:
+        """λ with λ ≈ vjp_z(λ) + cotangent, and the VJPs it cost; `memory` is what
+        `forward` kept."""
+
+    def apply(self, fn, solver, z0, args, *, max_steps, backward_counter):
+        return _equilibrium_solve(
+            (fn, args, backward_counter), solver, jax.lax.stop_gradient(z0), max_steps, self
+        )
+
+
 def _default_gmres():
     return lx.GMRES(rtol=0.0, atol=1e-3, norm=tree_norm, restart=4, max_steps=4)
 
 
-class ImplicitAdjoint(AbstractAdjoint):
+def adjoint_operator(vjp_z, cotangent: State) -> lx.FunctionLinearOperator:
+    """λ ↦ λ − vjp_z(λ): the transposed operator I − (∂f/∂z)ᵀ of the adjoint system."""
+    return lx.FunctionLinearOperator(
+        lambda v: jax.tree_util.tree_map(jnp.subtract, v, vjp_z(v)),
+        jax.eval_shape(lambda: cotangent),
+    )
+
+
+class ImplicitAdjoint(AbstractEquilibriumAdjoint):
     """Exact gradient by the implicit function theorem, matrix-free.
 
     Solves (I − ∂f/∂z)ᵀ λ = ∂L/∂z* at z* with any lineax linear solver on
@@ -125,16 +157,17 @@ class ImplicitAdjoint(AbstractAdjoint):
     size.
 
     Backward NFE counts every VJP: one for λᵀ ∂f/∂θ, plus the linear solve's operator
-    products (`linear_solve_matvecs`: exact for `FixedPointLinearSolver`, `lineax.BiCGStab`
-    and `lineax.CG`; for `lineax.GMRES` an upper bound, 1 + (num_steps − 1)·(restart + 1),
-    reached unless a Krylov space breaks down early; NaN for a solver whose cost is not
-    registered there).
+    products (`linear_solve_matvecs`: exact for `EarlyExitGMRES`, `FixedPointLinearSolver`,
+    `lineax.BiCGStab` and `lineax.CG`; for `lineax.GMRES` an upper bound,
+    1 + (num_steps − 1)·(restart + 1), reached unless a Krylov space breaks down early;
+    NaN for a solver whose cost is not registered there).
 
     **Arguments:**
 
     - `linear_solver`: a lineax solver for the square system. The default is `lineax.GMRES`
       with relative residual 1e-3 in the two-norm, restart 4 and at most 4 cycles (the
       first of which only forms the residual), so 7–17 VJPs. Other choices:
+      `EarlyExitGMRES` (stops at the first Arnoldi step that meets its tolerance),
       `lineax.BiCGStab` (two VJPs per step; it can break down in float32),
       `lineax.Normal(lineax.CG(...))` (CG on the normal equations: each step one VJP and
       one JVP, and the condition number squared), or `FixedPointLinearSolver(solver)`,
@@ -168,17 +201,9 @@ class ImplicitAdjoint(AbstractAdjoint):
                 f"imex-deq solver, got {type(self.linear_solver).__name__}."
             )
 
-    def apply(self, fn, solver, z0, args, *, max_steps, backward_counter):
-        return _implicit_solve(
-            (fn, args, backward_counter), solver, jax.lax.stop_gradient(z0), max_steps, self
-        )
-
-    def solve_adjoint(self, vjp_z, cotangent: State) -> tuple[State, Array]:
-        """λ solving λ = vjp_z(λ) + cotangent, and the VJPs it cost."""
-        operator = lx.FunctionLinearOperator(
-            lambda v: jax.tree_util.tree_map(jnp.subtract, v, vjp_z(v)),
-            jax.eval_shape(lambda: cotangent),
-        )
+    def solve_adjoint(self, vjp_z, cotangent, memory):
+        del memory
+        operator = adjoint_operator(vjp_z, cotangent)
         return solve_normalised(operator, cotangent, self.linear_solver)
 
 
@@ -202,27 +227,29 @@ def stop_gradient_arrays(tree):
 
 
 @eqx.filter_custom_vjp
-def _implicit_solve(fn_args_counter, solver, z0, max_steps, adjoint):
+def _equilibrium_solve(fn_args_counter, solver, z0, max_steps, adjoint):
     fn, args, _ = fn_args_counter
-    return solver.solve(fn, z0, args, max_steps=max_steps, differentiable=False)
+    return adjoint.forward(fn, solver, z0, args, max_steps)[0]
 
 
-@_implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, fn_args_counter, solver, z0, max_steps, adjoint):
+@_equilibrium_solve.def_fwd
+def _equilibrium_solve_fwd(perturbed, fn_args_counter, solver, z0, max_steps, adjoint):
     del perturbed
-    sol = _implicit_solve.fn(fn_args_counter, solver, z0, max_steps, adjoint)
-    return sol, sol.value
+    fn, args, _ = fn_args_counter
+    sol, memory = adjoint.forward(fn, solver, z0, args, max_steps)
+    return sol, (sol.value, memory)
 
 
-@_implicit_solve.def_bwd
-def _implicit_solve_bwd(
-    z_star, grad_sol, perturbed, fn_args_counter, solver, z0, max_steps, adjoint
+@_equilibrium_solve.def_bwd
+def _equilibrium_solve_bwd(
+    residuals, grad_sol, perturbed, fn_args_counter, solver, z0, max_steps, adjoint
 ):
     del perturbed, solver, z0, max_steps
+    z_star, memory = residuals
     fn, args, counter = fn_args_counter
     cotangent = _materialise(grad_sol.value, z_star)
     _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
-    lam, nfe = adjoint.solve_adjoint(lambda v: vjp_z(v)[0], cotangent)
+    lam, nfe = adjoint.solve_adjoint(lambda v: vjp_z(v)[0], cotangent, memory)
     _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), (fn, args))
     (grad_fn, grad_args) = vjp_fn_args(lam)[0]
     return grad_fn, grad_args, jnp.asarray(nfe + 1, counter.dtype)

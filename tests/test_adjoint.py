@@ -174,6 +174,7 @@ def test_phantom_gradient_approaches_implicit():
 
 LINEAR_SOLVERS = {
     "BiCGStab": lambda: lx.BiCGStab(rtol=1e-12, atol=1e-12, max_steps=200),
+    "EarlyExitGMRES": lambda: imex_deq.EarlyExitGMRES(rtol=1e-12, max_steps=N),
     "Normal(CG)": lambda: lx.Normal(lx.CG(rtol=1e-12, atol=1e-12, max_steps=200)),
     "FixedPointLinearSolver(Anderson)": lambda: imex_deq.FixedPointLinearSolver(
         imex_deq.Anderson(**TIGHT, history=3), max_steps=500
@@ -197,6 +198,7 @@ COUNTED_LINEAR_SOLVERS = {
     "default GMRES": lambda: None,
     "GMRES(restart=2)": lambda: lx.GMRES(rtol=1e-10, atol=1e-10, restart=2, max_steps=30),
     "BiCGStab": LINEAR_SOLVERS["BiCGStab"],
+    "EarlyExitGMRES": LINEAR_SOLVERS["EarlyExitGMRES"],
     "CG(stabilise_every=3) on Normal": lambda: lx.Normal(
         lx.CG(rtol=1e-10, atol=1e-10, max_steps=200, stabilise_every=3)
     ),

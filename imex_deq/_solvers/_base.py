@@ -183,6 +183,20 @@ class _AbstractDiscreteSolver(AbstractSolver):
         stats["best_step"] = progress.best_step
         return progress.value, progress.aux, stats
 
+    @abc.abstractmethod
+    def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
+        """`(Solution, the solver's final optimistix state)`."""
+
+    def solve(self, fn, z0, args, *, max_steps, differentiable):
+        return self._solve_keeping_state(fn, z0, args, max_steps, differentiable)[0]
+
+    def solve_with_state(
+        self, fn: FixedPointFn, z0: State, args: Args, *, max_steps: int
+    ) -> tuple[Solution, PyTree]:
+        """The DEQ solve (not differentiable) and the solver's final state, for a backward
+        pass that reuses what the solve learnt (`ShineAdjoint`)."""
+        return self._solve_keeping_state(fn, z0, args, max_steps, False)
+
     def _optimistix_solve(self, fn, z0, args, has_aux, max_steps, differentiable):
         adjoint = optx.RecursiveCheckpointAdjoint() if differentiable else optx.ImplicitAdjoint()
         return optx.fixed_point(
@@ -220,9 +234,9 @@ class AbstractFixedPointSolver(_AbstractDiscreteSolver, optx.AbstractFixedPointS
     f(y), y), nfe)`); `terminate`, `postprocess` and the DEQ `solve` come from here.
     """
 
-    def solve(self, fn, z0, args, *, max_steps, differentiable):
+    def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
         sol = self._optimistix_solve(fn, z0, args, False, max_steps, differentiable)
-        return _solution(sol, sol.value)
+        return _solution(sol, sol.value), sol.state
 
 
 class AbstractRootFinder(_AbstractDiscreteSolver, optx.AbstractRootFinder):
@@ -235,8 +249,8 @@ class AbstractRootFinder(_AbstractDiscreteSolver, optx.AbstractRootFinder):
     `self.record(progress, y, aux, self.root_residual(g(y), y), nfe)`.
     """
 
-    def solve(self, fn, z0, args, *, max_steps, differentiable):
+    def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
         # optx.fixed_point runs a root finder on f(z) − z; with f(z) as auxiliary output the
         # solve also hands back f at the iterate it returns.
         sol = self._optimistix_solve(_WithValue(fn), z0, args, True, max_steps, differentiable)
-        return _solution(sol, sol.aux)
+        return _solution(sol, sol.aux), sol.state

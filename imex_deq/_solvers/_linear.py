@@ -67,13 +67,20 @@ def _(solver: lx.Normal, stats, size):
 
 
 def solve_normalised(
-    operator: lx.AbstractLinearOperator, rhs: PyTree[Array], solver: lx.AbstractLinearSolver
+    operator: lx.AbstractLinearOperator,
+    rhs: PyTree[Array],
+    solver: lx.AbstractLinearSolver,
+    initial_guess: PyTree[Array] | None = None,
 ) -> tuple[PyTree[Array], Array]:
     """Solve `operator x = rhs` on a unit-norm right-hand side, so the solver's tolerances
-    are relative whatever the scale of `rhs`. Returns `(x, operator products spent)`."""
+    are relative whatever the scale of `rhs`, from `initial_guess` (scaled alike) where
+    one is given. Returns `(x, operator products spent)`."""
     dtype = jax.tree_util.tree_leaves(rhs)[0].dtype
     scale = jnp.maximum(tree_norm(rhs), float(jnp.finfo(jnp.float32).tiny)).astype(dtype)
     unit = jax.tree_util.tree_map(lambda leaf: leaf / scale, rhs)
-    sol = lx.linear_solve(operator, unit, solver, throw=False)
+    options = {}
+    if initial_guess is not None:
+        options["y0"] = jax.tree_util.tree_map(lambda leaf: leaf / scale, initial_guess)
+    sol = lx.linear_solve(operator, unit, solver, options=options, throw=False)
     x = jax.tree_util.tree_map(lambda leaf: leaf * scale, sol.value)
     return x, linear_solve_matvecs(solver, sol.stats, operator.in_size())

@@ -1,0 +1,144 @@
+"""GMRES that stops at the first Arnoldi step that meets its tolerance."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, Float
+
+from ._solvers._linear import linear_solve_matvecs
+
+
+def _givens(a, b):
+    """(c, s) with [c s; −s c] [a; b] = [r; 0]."""
+    r = jnp.hypot(a, b)
+    safe = jnp.where(r > 0, r, 1)
+    return jnp.where(r > 0, a / safe, 1), jnp.where(r > 0, b / safe, 0)
+
+
+def _back_substitute(upper: Float[Array, "m m"], rhs: Float[Array, " m"], size) -> Array:
+    """Solve the leading `size` × `size` block of an upper-triangular system (the rest of
+    the solution is zero); no LAPACK call (see `_small_linalg`)."""
+    m = upper.shape[0]
+
+    def body(i, x):
+        k = m - 1 - i
+        diagonal = jnp.where(upper[k, k] != 0, upper[k, k], 1)
+        value = (rhs[k] - upper[k] @ x) / diagonal
+        return x.at[k].set(jnp.where(k < size, value, 0))
+
+    return jax.lax.fori_loop(0, m, body, jnp.zeros_like(rhs))
+
+
+class EarlyExitGMRES(lx.AbstractLinearSolver):
+    """GMRES without restarts that checks its residual after every Arnoldi step and stops
+    as soon as ‖b − A x‖ ≤ max(atol, rtol·‖b‖), so an easy system costs one or two
+    operator products (lineax's GMRES spends at least two restart cycles).
+
+    Each step is one product with the operator (in the implicit adjoint: one VJP); a
+    nonzero initial guess (`options["y0"]`) adds one for its residual. `stats` reports
+    `num_steps` (Arnoldi steps) and `matvecs` (all products), which
+    `imex_deq.linear_solve_matvecs` returns exactly. Memory: `max_steps + 1` vectors.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: the stopping rule on the two-norm of the residual.
+    - `max_steps`: the most Arnoldi steps (the Krylov dimension).
+    """
+
+    rtol: float = 1e-3
+    atol: float = 0.0
+    max_steps: int = eqx.field(default=20, static=True)
+
+    def __check_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"EarlyExitGMRES: max_steps must be at least 1, got {self.max_steps}.")
+        if not (self.rtol >= 0 and self.atol >= 0):
+            raise ValueError(
+                f"EarlyExitGMRES: tolerances must be non-negative, got rtol={self.rtol}, "
+                f"atol={self.atol}."
+            )
+
+    def init(self, operator, options):
+        if eqx.tree_equal(operator.in_structure(), operator.out_structure()) is not True:
+            raise ValueError("EarlyExitGMRES needs a square operator.")
+        return operator
+
+    def compute(self, state, vector, options: dict[str, Any]):
+        operator = state
+        b, unravel = jax.flatten_util.ravel_pytree(vector)
+
+        def mv(v):
+            return jax.flatten_util.ravel_pytree(operator.mv(unravel(v)))[0]
+
+        y0 = options.get("y0")
+        if y0 is None:
+            x0, r0, initial_products = jnp.zeros_like(b), b, 0
+        else:
+            x0 = jax.flatten_util.ravel_pytree(y0)[0].astype(b.dtype)
+            r0, initial_products = b - mv(x0), 1
+        m = self.max_steps
+        beta = jnp.linalg.norm(r0)
+        tolerance = jnp.maximum(self.atol, self.rtol * jnp.linalg.norm(b))
+        basis = jnp.zeros((m + 1, b.size), b.dtype).at[0].set(r0 / jnp.where(beta > 0, beta, 1))
+        upper = jnp.zeros((m, m), b.dtype)
+        cosines = jnp.zeros(m, b.dtype)
+        sines = jnp.zeros(m, b.dtype)
+        rotated_rhs = jnp.zeros(m + 1, b.dtype).at[0].set(beta)
+
+        def keep_going(carry):
+            k, _, _, _, _, rotated_rhs = carry
+            return (k < m) & (jnp.abs(rotated_rhs[k]) > tolerance)
+
+        def arnoldi_step(carry):
+            k, basis, upper, cosines, sines, rotated_rhs = carry
+            w = mv(basis[k])
+            earlier = (jnp.arange(m + 1) <= k).astype(b.dtype)
+            h = (basis @ w) * earlier
+            w = w - h @ basis
+            correction = (basis @ w) * earlier  # one reorthogonalisation pass
+            w = w - correction @ basis
+            h = h + correction
+            norm = jnp.linalg.norm(w)
+            basis = basis.at[k + 1].set(w / jnp.where(norm > 0, norm, 1))
+            column = h.at[k + 1].set(norm)
+
+            def rotate(i, column):
+                top = cosines[i] * column[i] + sines[i] * column[i + 1]
+                bottom = -sines[i] * column[i] + cosines[i] * column[i + 1]
+                rotated = column.at[i].set(top).at[i + 1].set(bottom)
+                return jnp.where(i < k, rotated, column)
+
+            column = jax.lax.fori_loop(0, m, rotate, column)
+            c, s = _givens(column[k], column[k + 1])
+            column = column.at[k].set(c * column[k] + s * column[k + 1]).at[k + 1].set(0)
+            upper = upper.at[:, k].set(column[:m])
+            g = rotated_rhs[k]
+            rotated_rhs = rotated_rhs.at[k].set(c * g).at[k + 1].set(-s * g)
+            return k + 1, basis, upper, cosines.at[k].set(c), sines.at[k].set(s), rotated_rhs
+
+        carry = (jnp.array(0), basis, upper, cosines, sines, rotated_rhs)
+        steps, basis, upper, _, _, rotated_rhs = jax.lax.while_loop(keep_going, arnoldi_step, carry)
+        coefficients = _back_substitute(upper, rotated_rhs[:m], steps)
+        x = x0 + coefficients @ basis[:m]
+        converged = jnp.abs(rotated_rhs[steps]) <= tolerance
+        result = lx.RESULTS.where(converged, lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
+        stats = {"num_steps": steps, "max_steps": m, "matvecs": steps + initial_products}
+        return unravel(x), result, stats
+
+    def transpose(self, state, options):
+        return state.transpose(), options
+
+    def conj(self, state, options):
+        return lx.conj(state), options
+
+    def assume_full_rank(self):
+        return True
+
+
+@linear_solve_matvecs.register
+def _(solver: EarlyExitGMRES, stats, size):
+    return stats["matvecs"]
