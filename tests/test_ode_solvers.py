@@ -323,7 +323,13 @@ def test_pseudo_transient_returns_the_best_iterate_at_the_cap():
 
 @pytest.mark.parametrize(
     "options",
-    [{"h0": 0.0, "h_min": 0.0}, {"h0": 5.0}, {"h_min": 2.0}, {"h_max": float("inf")}, {"backoff": 1.0}],
+    [
+        {"h0": 0.0, "h_min": 0.0},
+        {"h0": 5.0},
+        {"h_min": 2.0},
+        {"h_max": float("inf")},
+        {"backoff": 1.0},
+    ],
 )
 def test_pseudo_transient_validates_its_steps(options):
     with pytest.raises(ValueError, match="PseudoTransient"):
