@@ -26,12 +26,14 @@ from ._solution import residual_norm as residual_norm
 from ._solvers import AbstractFixedPointSolver as AbstractFixedPointSolver
 from ._solvers import AbstractRootFinder as AbstractRootFinder
 from ._solvers import AbstractSolver as AbstractSolver
+from ._solvers import AdamsBashforth3 as AdamsBashforth3
 from ._solvers import Anderson as Anderson
 from ._solvers import Broyden as Broyden
 from ._solvers import FixedDepth as FixedDepth
 from ._solvers import FixedPointIteration as FixedPointIteration
 from ._solvers import NewtonKrylov as NewtonKrylov
 from ._solvers import Progress as Progress
+from ._solvers import PseudoTransient as PseudoTransient
 from ._solvers import SteadyStateODE as SteadyStateODE
 from ._solvers import linear_solve_matvecs as linear_solve_matvecs
 

@@ -1,3 +1,4 @@
+from ._adams import AdamsBashforth3 as AdamsBashforth3
 from ._anderson import Anderson as Anderson
 from ._base import AbstractFixedPointSolver as AbstractFixedPointSolver
 from ._base import AbstractRootFinder as AbstractRootFinder
@@ -8,4 +9,5 @@ from ._fixed_depth import FixedDepth as FixedDepth
 from ._fixed_point_iteration import FixedPointIteration as FixedPointIteration
 from ._linear import linear_solve_matvecs as linear_solve_matvecs
 from ._newton_krylov import NewtonKrylov as NewtonKrylov
+from ._pseudo_transient import PseudoTransient as PseudoTransient
 from ._steady_state_ode import SteadyStateODE as SteadyStateODE

@@ -4,19 +4,13 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, Float, Int
 
 from .._custom_types import Termination
-from .._solution import RESULTS, Solution, residual_dtype, residual_norm
+from .._solution import RESULTS, Solution, residual_dtype, residual_norm, scaled_residual
+from ._adams import AdamsBashforth3, evaluations_per_attempt
 from ._base import AbstractSolver, verdict
-
-
-class _Relaxation(eqx.Module):
-    """The vector field dz/dt = f(z, args) − z; f arrives through `args` so that
-    differentiating through diffrax sees every parameter."""
-
-    def __call__(self, t, z, fn_and_args):
-        fn, args = fn_and_args
-        return jax.tree_util.tree_map(lambda a, b: a - b, fn(z, args), z)
 
 
 def ode_stage_count(solver: dfx.AbstractAdaptiveSolver) -> int:
@@ -53,19 +47,179 @@ def ode_initial_state(solver: dfx.AbstractAdaptiveSolver, term, y0, args):
     return jnp.zeros_like(first_step), term.vf(0.0, y0, args)
 
 
+# ------------------------------------------------------------- the steady-state integration
+
+
+class _Tracker(eqx.Module):
+    """Carried in the ODE state beside z, with a zero vector field: the residual of z and
+    the evaluations spent by the attempted step that produced it. The steady-state event
+    reads the first; the step-size controller sums the second."""
+
+    residual: Float[Array, ""]
+    evaluations: Float[Array, ""]
+
+
+class _Relaxation(eqx.Module):
+    """The vector field of (z, tracker): (f(z, args) − z, 0); f arrives through `args` so
+    that differentiating through diffrax sees every parameter."""
+
+    def __call__(self, t, y, fn_and_args):
+        z, tracker = y
+        fn, args = fn_and_args
+        g = jax.tree_util.tree_map(lambda a, b: a - b, fn(z, args), z)
+        return g, jax.tree_util.tree_map(jnp.zeros_like, tracker)
+
+
+def _check_ode_solver(solver) -> None:
+    if not isinstance(solver, (dfx.AbstractERK, AdamsBashforth3)):
+        raise TypeError(
+            "SteadyStateODE: ode_solver must be an explicit Runge–Kutta solver (Tsit5, "
+            f"Dopri5, Bosh3, Heun, ...) or AdamsBashforth3, got {type(solver).__name__}."
+        )
+
+
+def _keeps_derivative(solver) -> bool:
+    """Whether the solver's state holds f(z) − z at the new point after a step (first-same-
+    as-last tableaux, Adams), so that the steady-state test costs no evaluation."""
+    return isinstance(solver, AdamsBashforth3) or bool(solver.tableau.fsal)
+
+
+def ode_attempt_evaluations(solver, state) -> Int[Array, ""]:
+    """Vector-field evaluations of one attempted `SteadyStateODE` step from the ODE
+    solver's `state`, the steady-state test included: the new stages of a first-same-as-
+    last tableau (6 for Tsit5, 3 for Bosh3), the stages plus one of another tableau (3 for
+    Heun), and 3 then 1 for `AdamsBashforth3` (start-up, then Adams steps)."""
+    _check_ode_solver(solver)
+    if isinstance(solver, AdamsBashforth3):
+        return evaluations_per_attempt(state)
+    extra = 0 if _keeps_derivative(solver) else 1
+    return jnp.array(ode_stage_count(solver) + extra)
+
+
+def _initial_solver_state(solver, t0, g0):
+    """The ODE solver's state at the start from g0 = f(z0) − z0, evaluated once."""
+    if isinstance(solver, AdamsBashforth3):
+        return solver.state_from_derivative(t0, g0)
+    if solver.tableau.fsal:
+        return jnp.array(False), g0  # diffrax's (first step?, f0): f0 is already known
+    return None
+
+
+def _derivative(solver, state):
+    """f(z) − z at the current point, read from the solver's state (or None)."""
+    if isinstance(solver, AdamsBashforth3):
+        return state.derivative
+    return state[1] if solver.tableau.fsal else None
+
+
+class _UntilSteady(dfx.AbstractAdaptiveSolver):
+    """`solver` on (z, tracker), filling the tracker after each attempted step. Its state
+    is (the solver's state, f(z) − z at the current point)."""
+
+    solver: dfx.AbstractAdaptiveSolver
+    termination: Termination = eqx.field(static=True)
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):
+        return self.solver.interpolation_cls
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        g0 = terms.vf(t0, y0, args)
+        return _initial_solver_state(self.solver, t0, g0), g0
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        state, _ = solver_state
+        evaluations = ode_attempt_evaluations(self.solver, state)
+        y1, y_error, dense_info, state, result = self.solver.step(
+            terms, t0, t1, y0, args, state, made_jump
+        )
+        g1 = _derivative(self.solver, state)
+        if g1 is None:
+            g1 = terms.vf(t1, y1, args)  # the steady-state test's own evaluation
+        z1, old = y1
+        residual = _residual(z1, g1[0], self.termination)
+        tracker = _Tracker(
+            jax.lax.stop_gradient(residual).astype(old.residual.dtype),
+            evaluations.astype(old.evaluations.dtype),
+        )
+        return (z1, tracker), y_error, dense_info, (state, g1), result
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+
+def _residual(z, g, termination):
+    """The residual of z from g = f(z) − z (see `Termination`)."""
+    return scaled_residual(g, jax.tree_util.tree_map(jnp.add, z, g), termination)
+
+
+def _z_norm(scaled_error) -> Float[Array, ""]:
+    """The controller's error norm: diffrax's RMS norm over z alone (not the tracker)."""
+    return optx.rms_norm(scaled_error[0])
+
+
+class _CountingController(dfx.AbstractAdaptiveStepSizeController):
+    """`controller`, also summing the evaluations that every attempted step reports in
+    its tracker, accepted or rejected (the solver's own state forgets rejected steps)."""
+
+    controller: dfx.PIDController
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return _CountingController(self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        tnext, state = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        return tnext, (state, jnp.array(0))
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
+        state, evaluations = state
+        *decision, state, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, state
+        )
+        evaluations = evaluations + y1_candidate[1].evaluations.astype(evaluations.dtype)
+        return (*decision, (state, evaluations), result)
+
+
 class SteadyStateODE(AbstractSolver):
     """The continuous ("infinite-time neural ODE") DEQ: integrates dz/dt = f(z, x) − z from
     t = 0 towards t = ∞ with an adaptive diffrax solver and stops at steady state, judged
     by the same termination rule as the discrete solvers.
 
-    NFE counts every evaluation: the first-same-as-last stage (1), each step's new stages
-    (6 for Tsit5), and the steady-state test of each step and of the start (1 each), plus
-    one final f. (diffrax's initial step-size selection evaluates nothing here.)
+    The steady-state test after each step reads f(z) − z at the new point from the ODE
+    solver's state where it is there (first-same-as-last tableaux: Tsit5, Dopri5, Bosh3;
+    `AdamsBashforth3`), and evaluates it otherwise (Heun). NFE counts every evaluation: 1
+    at the start (f(z0), also the first stage), then per attempted step, rejected ones
+    included, its new stages (6 for Tsit5, 3 for Bosh3, 2 + 1 for Heun, 1 for an Adams step
+    and 3 for each of its two Bogacki–Shampine start-up steps). f at the returned state is
+    the last one evaluated, so the solve returns it at no cost.
 
     **Arguments:**
 
     - `rtol`, `atol`, `termination`: the steady-state rule (see `Termination`).
-    - `ode_solver`: an explicit adaptive diffrax solver (default `Tsit5`).
+    - `ode_solver`: an explicit Runge–Kutta diffrax solver or `AdamsBashforth3` (default
+      `Tsit5`).
     - `ode_rtol`, `ode_atol`: the PID controller's local error tolerances (default: `rtol`
       and `rtol / 50`). The small absolute tolerance matters: with looser control explicit
       steps sit at their stability limit and the residual oscillates above the stopping
@@ -82,42 +236,47 @@ class SteadyStateODE(AbstractSolver):
     ode_atol: float | None = None
 
     def __check_init__(self):
-        ode_stage_count(self.ode_solver)
+        _check_ode_solver(self.ode_solver)
 
     def solve(self, fn, z0, args, *, max_steps, differentiable):
-        def at_steady_state(t, z, fn_and_args, **kwargs):
-            del t, kwargs
-            fn, args = fn_and_args
-            return self.converged(residual_norm(fn(z, args), z, self.termination))
+        def at_steady_state(t, y, fn_and_args, **kwargs):
+            return self.converged(y[1].residual)
 
-        controller = dfx.PIDController(
+        pid = dfx.PIDController(
             rtol=self.rtol if self.ode_rtol is None else self.ode_rtol,
             atol=self.rtol / 50 if self.ode_atol is None else self.ode_atol,
+            norm=_z_norm,
         )
-        adjoint = dfx.RecursiveCheckpointAdjoint()
         term = dfx.ODETerm(_Relaxation())
+        dtype = residual_dtype(z0)
+        zero = jnp.zeros((), dtype)
+        fn_and_args = (fn, args)
+        g0 = term.vf(0.0, (z0, _Tracker(zero, zero)), fn_and_args)  # the first evaluation
+        residual0 = jax.lax.stop_gradient(_residual(z0, g0[0], self.termination))
+        y0 = (z0, _Tracker(residual0.astype(dtype), zero))
+        t0 = jnp.zeros((), jnp.result_type(float))  # diffrax's time dtype
         sol = dfx.diffeqsolve(
             term,
-            self.ode_solver,
+            _UntilSteady(self.ode_solver, self.termination),
             t0=0.0,
             t1=jnp.inf,
             dt0=1.0,
-            y0=z0,
-            args=(fn, args),
-            stepsize_controller=controller,
+            y0=y0,
+            args=fn_and_args,
+            stepsize_controller=_CountingController(pid),
             event=dfx.Event(at_steady_state),
-            saveat=dfx.SaveAt(t1=True),
+            saveat=dfx.SaveAt(t1=True, solver_state=True, controller_state=True),
             max_steps=max_steps,
-            adjoint=adjoint,
+            adjoint=dfx.RecursiveCheckpointAdjoint(),
             throw=False,
-            solver_state=ode_initial_state(self.ode_solver, term, z0, (fn, args)),
+            solver_state=(_initial_solver_state(self.ode_solver, t0, g0), g0),
         )
-        z_end = jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
-        fz = fn(z_end, args)
-        residual = residual_norm(fz, z_end, self.termination).astype(residual_dtype(z0))
+        z_end = jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys[0])
+        g_end = sol.solver_state[1][0]
+        fz = jax.tree_util.tree_map(jnp.add, z_end, g_end)
+        residual = residual_norm(fz, z_end, self.termination).astype(dtype)
         steps = sol.stats["num_steps"]
-        startup = ode_startup_count(self.ode_solver)
-        nfe = startup + 1 + steps * (ode_stage_count(self.ode_solver) + 1) + 1
+        nfe = 1 + sol.controller_state[1]
         _, failure = verdict(self, residual, jnp.asarray(jnp.inf, residual.dtype), True)
         # A non-finite state is reported as such, whatever stopped the integration (with
         # NaNs diffrax rejects every step until it runs out of steps).

@@ -6,15 +6,19 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+import diffrax as dfx
+
 from .._adjoint import AbstractAdjoint, ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
 from .._deq import DEQ, AbstractDEQ, SkipDEQ, SkipRegDEQ
 from .._neural_ode import NeuralODE
 from .._solvers import (
     AbstractSolver,
+    AdamsBashforth3,
     Anderson,
     Broyden,
     FixedPointIteration,
     NewtonKrylov,
+    PseudoTransient,
     SteadyStateODE,
 )
 
@@ -36,10 +40,21 @@ SOLVERS: Mapping[str, type[AbstractSolver]] = MappingProxyType(
         "broyden": Broyden,
         "fixed-point": FixedPointIteration,
         "newton-krylov": NewtonKrylov,
+        "pseudo-transient": PseudoTransient,
     }
 )
 """Forward solver classes by name (`--solver`, `TrainConfig.solver`); "continuous" is the
 continuous DEQ's steady-state ODE solve."""
+
+ODE_SOLVERS: Mapping[str, Callable[[], dfx.AbstractAdaptiveSolver]] = MappingProxyType(
+    {
+        "tsit5": dfx.Tsit5,
+        "bosh3": dfx.Bosh3,
+        "heun": dfx.Heun,
+        "adams3": AdamsBashforth3,
+    }
+)
+"""The continuous DEQ's ODE solvers by name (`SteadyStateODE(ode_solver=ODE_SOLVERS[name]())`)."""
 
 
 def make_solver(name: str, rtol: float) -> AbstractSolver:

@@ -1,0 +1,175 @@
+"""Race to steady state: the continuous DEQ's ODE solvers against the discrete iterations.
+
+Forward solves only (no training): on the MNIST-dense DEQ cell (see `bench/problem.py`:
+f(z, e) = relu(W1 z) + relu(W2 e), ||W1|| = 0.9, random pixels) and on the mnist_conv
+multiscale cell (`imex_deq.experiments.mnist_conv()`, fresh weights, random images), each
+solver runs a vmapped batch from z = 0 to steady state at each relative tolerance:
+SteadyStateODE with Tsit5, Bosh3, Heun and AdamsBashforth3 (default ode_rtol/ode_atol),
+PseudoTransient and FixedPointIteration. Per row: mean and max NFE over the batch (a
+vmapped batch costs its max), the fraction of samples that converged, and the time per
+batch (median of --calls calls after a compile call).
+
+Usage: python scripts/bench_steady_state.py [--threads 1] [--batch-dense 128]
+       [--batch-conv 8] [--rtols 5e-3,1e-4] [--calls 3] [--max-steps 500]
+Prints a markdown table to stdout, progress to stderr; writes results/bench_steady_state.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import problem, report, threads, timing
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", type=int, default=None, help="pin XLA to N threads")
+    p.add_argument("--batch-dense", type=int, default=128)
+    p.add_argument("--batch-conv", type=int, default=8)
+    p.add_argument("--rtols", default="5e-3,1e-4")
+    p.add_argument("--calls", type=int, default=3, help="timed calls per row, after compile")
+    p.add_argument("--max-steps", type=int, default=500, help="ODE steps or iterations")
+    p.add_argument("--problems", default="dense,conv")
+    p.add_argument("--out", default="results/bench_steady_state.json")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:
+    threads.configure_threads(ARGS.threads)  # before jax is imported
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import imex_deq as ideq
+from imex_deq import experiments
+
+SOLVERS = {
+    "SteadyStateODE(Tsit5)": lambda rtol: ideq.SteadyStateODE(rtol=rtol, ode_solver=dfx.Tsit5()),
+    "SteadyStateODE(Bosh3)": lambda rtol: ideq.SteadyStateODE(rtol=rtol, ode_solver=dfx.Bosh3()),
+    "SteadyStateODE(Heun)": lambda rtol: ideq.SteadyStateODE(rtol=rtol, ode_solver=dfx.Heun()),
+    "SteadyStateODE(AdamsBashforth3)": lambda rtol: ideq.SteadyStateODE(
+        rtol=rtol, ode_solver=ideq.AdamsBashforth3()
+    ),
+    "PseudoTransient": lambda rtol: ideq.PseudoTransient(rtol=rtol),
+    "FixedPointIteration": lambda rtol: ideq.FixedPointIteration(rtol=rtol),
+}
+
+
+class _DenseF(eqx.Module):
+    w1: jax.Array
+    w2: jax.Array
+
+    def __call__(self, z, e):
+        return jax.nn.relu(self.w1 @ z) + jax.nn.relu(self.w2 @ e)
+
+
+def dense_problem(batch: int):
+    """`(f, z0, injection)` of the MNIST-dense DEQ, batched."""
+    w = problem.init_weights(seed=0)
+    x, _, _ = problem.make_batch(seed=0, batch=batch, source="random")
+    e = jax.nn.relu(jnp.asarray(x) @ jnp.asarray(w["we"]).T + jnp.asarray(w["be"]))
+    f = _DenseF(jnp.asarray(w["w1"]), jnp.asarray(w["w2"]))
+    return f, jnp.zeros_like(e), e
+
+
+def conv_problem(batch: int):
+    """`(f, z0, injection)` of the mnist_conv multiscale cell, batched."""
+    config = experiments.mnist_conv()
+    key = jax.random.PRNGKey(0)
+    model = experiments.build_conv_model(
+        "vanilla", ideq.FixedPointIteration(), config=config, key=key
+    )
+    h, w = config.image_size
+    x = jax.random.normal(key, (batch, h, w, config.in_channels))
+    injection = jax.vmap(model.embed)(x)
+    return model.layer.f, jax.vmap(model.layer.zero_state)(injection), injection
+
+
+def make_solve(max_steps: int):
+    @eqx.filter_jit
+    def solve(solver, f, z0, injection):
+        def one(z, x):
+            sol = ideq.fixed_point(f, solver, z, x, max_steps=max_steps)
+            return sol.nfe, sol.result == ideq.RESULTS.successful, sol.residual
+
+        return jax.vmap(one)(z0, injection)
+
+    return solve
+
+
+def race(name: str, f, z0, injection, rtols, args) -> list[dict]:
+    solve = make_solve(args.max_steps)
+    rows = []
+    for rtol in rtols:
+        for label, make in SOLVERS.items():
+            solver = make(rtol)
+
+            def call(solver=solver):
+                return jax.block_until_ready(solve(solver, f, z0, injection))
+
+            _, compile_s = timing.timed(call)
+            times = []
+            for _ in range(args.calls):
+                out, seconds = timing.timed(call)
+                times.append(seconds)
+            nfe, converged, residual = out
+            row = {
+                "problem": name,
+                "rtol": rtol,
+                "solver": label,
+                "nfe_mean": float(jnp.mean(nfe)),
+                "nfe_max": int(jnp.max(nfe)),
+                "converged": float(jnp.mean(converged)),
+                "residual_max": float(jnp.max(residual)),
+                "ms": timing.median_ms(times),
+                "compile_s": compile_s,
+            }
+            report.log(row)
+            rows.append(row)
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        (
+            "| problem | rtol | solver | NFE mean | NFE max | converged | max residual | "
+            "ms / batch | compile s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['problem']} | {r['rtol']:g} | {r['solver']} | {r['nfe_mean']:.1f} | "
+            f"{r['nfe_max']} | {r['converged']:.3f} | {r['residual_max']:.2e} | "
+            f"{r['ms']:.1f} | {r['compile_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(args):
+    started = time.perf_counter()
+    report.log(f"jax {jax.__version__}, {threads.machine_line(args.threads)}")
+    rtols = [float(r) for r in args.rtols.split(",")]
+    rows = []
+    problems = {
+        f"mnist-dense (batch {args.batch_dense})": lambda: dense_problem(args.batch_dense),
+        f"mnist_conv (batch {args.batch_conv})": lambda: conv_problem(args.batch_conv),
+    }
+    wanted = args.problems.split(",")
+    for (name, build), key in zip(problems.items(), ("dense", "conv")):
+        if key in wanted:
+            rows += race(name, *build(), rtols, args)
+    print(threads.machine_line(args.threads))
+    print(render(rows))
+    report.write_results(args.out, {"args": vars(args), "rows": rows}, started)
+
+
+if __name__ == "__main__":
+    main(ARGS)
