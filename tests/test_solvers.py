@@ -330,3 +330,74 @@ def test_newton_krylov_nfe_is_exact_without_breakdown():
     )
     assert sol.result == RESULTS.successful
     assert int(sol.nfe) == counted.read()
+
+
+def _reference_broyden(f, z0, memory, steps):
+    """Limited-memory good Broyden written out in NumPy, one Python step at a time, with
+    the same ring buffer, safeguard and best-iterate rule as `Broyden`: `(best z, its
+    step, us, vs)` after `steps` evaluations."""
+    n = z0.size
+    us, vs = np.zeros((memory, n)), np.zeros((memory, n))
+    z, previous_z, previous_g = z0.copy(), z0.copy(), np.zeros(n)
+    best, best_residual, best_step = z0, np.inf, 0
+    for count in range(steps):
+        g = f(z) - z
+        residual = np.linalg.norm(g) / np.linalg.norm(z + g)
+        if residual < best_residual or count == 0:
+            best, best_residual, best_step = z, residual, count + 1
+        dz, dg = z - previous_z, g - previous_g
+        step = -g + us.T @ (vs @ g)
+        dz_b = -dz + (us @ dz) @ vs
+        denominator = dz_b @ dg
+        slot = max(count - 1, 0) % memory
+        old_u, old_v = us[slot].copy(), vs[slot].copy()
+        if count > 0 and abs(denominator) > np.finfo(np.float64).eps:
+            us[slot], vs[slot] = -step, dz_b / denominator
+        u, v = us[slot], vs[slot]
+        previous_z, previous_g = z, g
+        z = z - (step + u * (v @ g) - old_u * (old_v @ g))
+    return best, best_step, us, vs
+
+
+@pytest.mark.parametrize("memory", [3, 25])
+def test_broyden_matches_reference_iterates(memory):
+    """float64, a vmapped batch whose samples stop at different steps: the DEQ solve
+    (`differentiable=False`, the buffered loop with blocks of rows skipped until written),
+    the optimistix loop (`differentiable=True`) and a plain NumPy Broyden give the same
+    iterate after the same number of steps, and the same `us`, `vs`."""
+    with enable_x64():
+        rng = np.random.default_rng(3)
+        n, batch = 12, 3
+        w = rng.normal(size=(n, n)) * (0.9 / np.sqrt(n))
+        bs = rng.normal(size=(batch, n))
+        scales = np.array([0.2, 0.6, 1.0])  # different contraction: different step counts
+        max_steps = 40
+
+        def solve(b, scale, differentiable):
+            fn = lambda z, a: jnp.tanh(a[1] * (jnp.asarray(w) @ z) + a[0])
+            solver = imex_deq.Broyden(rtol=1e-9, memory=memory)
+            sol = solver.solve(
+                fn, jnp.zeros(n), (b, scale), max_steps=max_steps, differentiable=differentiable
+            )
+            return sol.value, sol.num_steps, sol.stats["best_step"]
+
+        for differentiable in (False, True):
+            values, steps, best_steps = jax.jit(
+                jax.vmap(lambda b, s, d=differentiable: solve(b, s, d))
+            )(jnp.asarray(bs), jnp.asarray(scales))
+            assert len(set(np.asarray(steps).tolist())) > 1  # samples stopped apart
+            for i in range(batch):
+                f = lambda z, i=i: np.tanh(scales[i] * (w @ z) + bs[i])
+                best, best_step, _, _ = _reference_broyden(f, np.zeros(n), memory, int(steps[i]))
+                assert int(best_steps[i]) == best_step
+                # The solve returns f at the kept iterate.
+                np.testing.assert_allclose(values[i], f(best), rtol=1e-10, atol=1e-12)
+
+        # The state after a fixed number of steps, through optimistix's interface.
+        f = lambda z, i=0: np.tanh(scales[0] * (w @ z) + bs[0])
+        fn = lambda z, a: jnp.tanh(scales[0] * (jnp.asarray(w) @ z) + a) - z
+        solver = imex_deq.Broyden(rtol=1e-30, atol=0.0, termination="abs", memory=memory)
+        sol = optx.root_find(fn, solver, jnp.zeros(n), jnp.asarray(bs[0]), max_steps=7, throw=False)
+        _, _, us, vs = _reference_broyden(f, np.zeros(n), memory, 7)
+        np.testing.assert_allclose(sol.state.us, us, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(sol.state.vs, vs, rtol=1e-6, atol=1e-9)

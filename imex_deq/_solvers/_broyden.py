@@ -1,13 +1,20 @@
 """Limited-memory ("good") Broyden's method on g(z) = f(z) − z."""
 
 import equinox as eqx
+import equinox.internal as eqxi
+import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import Termination
-from ._base import AbstractRootFinder, Progress
+from ._base import AbstractRootFinder, Progress, _solution
+
+_CHUNK = 10
+"""Rows of the rank-one buffers multiplied together; a block of rows none of which has been
+written yet (in any sample of a vmapped batch) is skipped, so a solve that stops after k
+steps pays for about k rows, not for `memory`."""
 
 
 class _BroydenState(eqx.Module):
@@ -28,6 +35,102 @@ def _inverse_mv(us, vs, x):
 def _inverse_rmv(us, vs, x):
     """xᵀ B."""
     return -x + (us @ x) @ vs
+
+
+def _both_products(us, vs, x, y, filled):
+    """`(B x, yᵀ B)`, reading only the blocks of `_CHUNK` rows below `filled` (an upper
+    bound on the rows written, the same across a vmapped batch: rows not yet written are
+    zero and add nothing)."""
+    memory = us.shape[0]
+    bx, yb = -x, -y
+    for start in range(0, memory, _CHUNK):
+        rows = slice(start, min(start + _CHUNK, memory))
+
+        def block(operands, rows=rows):
+            u, v, x, y = operands
+            u, v = u[rows], v[rows]
+            return u.T @ (v @ x), (u @ y) @ v
+
+        def skip(operands):
+            return jnp.zeros_like(operands[2]), jnp.zeros_like(operands[3])
+
+        if start == 0 and memory <= _CHUNK:
+            add_x, add_y = block((us, vs, x, y))
+        else:
+            add_x, add_y = jax.lax.cond(filled > start, block, skip, (us, vs, x, y))
+        bx, yb = bx + add_x, yb + add_y
+    return bx, yb
+
+
+def _tree_allfinite(tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def buffered_solve(solver, fn, y0, args, *, max_steps, buffers):
+    """Run `solver.init` / `step` / `terminate` / `postprocess` exactly as optimistix's
+    loop does (same steps, same results), as an `optx.Solution`, for the non-differentiable
+    solve. The difference is the loop: `equinox.internal.while_loop` with the state's
+    history arrays (`buffers(state)`) as buffers. Under `vmap` a plain while loop selects
+    every carried array between the new and the old value for the samples that have
+    stopped, a copy of the whole history per step; a buffer is written in place, one row
+    per step, with the selection folded into that row. `step` must read a buffer with
+    `buffer[...]` and write it with `buffer.at[i].set(row)` only.
+
+    `fn(y, args) -> (out, aux)` is the function the solver iterates on (for a root finder
+    g; for a fixed-point solver f)."""
+    options, tags = {}, frozenset()
+    f_struct, aux_struct = jax.eval_shape(fn, y0, args)
+    state0 = solver.init(fn, y0, args, options, f_struct, aux_struct, tags)
+
+    def terminate_and_result(y, state):
+        terminate, result = solver.terminate(fn, y, args, options, state, tags)
+        return terminate, optx.RESULTS.where(_tree_allfinite(y), result, optx.RESULTS.nonfinite)
+
+    dynamic0, static = eqx.partition(state0, eqx.is_array)
+    terminate0, result0 = terminate_and_result(y0, state0)
+    carry0 = (y0, jnp.array(0), dynamic0, terminate0, result0)
+
+    def cond_fun(carry):
+        *_, terminate, result = carry
+        return jnp.invert(terminate) & (result == optx.RESULTS.successful)
+
+    def body_fun(carry):
+        y, num_steps, dynamic, _, _ = carry
+        state = eqx.combine(static, dynamic)
+        new_y, new_state, _ = solver.step(fn, y, args, options, state, tags)
+        terminate, result = terminate_and_result(y, new_state)
+        new_dynamic, _ = eqx.partition(new_state, eqx.is_array)
+        return new_y, num_steps + 1, new_dynamic, terminate, result
+
+    y, num_steps, dynamic, terminate, result = eqxi.while_loop(
+        cond_fun,
+        body_fun,
+        carry0,
+        max_steps=max_steps,
+        buffers=lambda carry: buffers(carry[2]),
+        kind="lax",
+    )
+    state = eqx.combine(static, dynamic)
+    result = optx.RESULTS.where(
+        (result == optx.RESULTS.successful) & jnp.invert(terminate),
+        optx.RESULTS.nonlinear_max_steps_reached,
+        result,
+    )
+    aux0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
+    value, aux, stats = solver.postprocess(fn, y, aux0, args, options, state, tags, result)
+    stats = {"num_steps": num_steps, "max_steps": max_steps, **stats}
+    return optx.Solution(value=value, result=result, aux=aux, stats=stats, state=state)
+
+
+class _RootFn(eqx.Module):
+    """`(f(z) − z, f(z))` from f."""
+
+    fn: object
+
+    def __call__(self, z, args):
+        fz = jax.tree_util.tree_map(jnp.asarray, self.fn(z, args))
+        return jax.tree_util.tree_map(jnp.subtract, fz, z), fz
 
 
 class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
@@ -59,11 +162,25 @@ class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
         if self.memory < 1:
             raise ValueError(f"Broyden: memory must be at least 1, got {self.memory}.")
 
+    def solve(self, fn, z0, args, *, max_steps, differentiable):
+        if differentiable:
+            return super().solve(fn, z0, args, max_steps=max_steps, differentiable=True)
+        sol = buffered_solve(
+            self,
+            _RootFn(fn),
+            z0,
+            args,
+            max_steps=max_steps,
+            buffers=lambda state: (state.us, state.vs),
+        )
+        return _solution(sol, sol.aux)
+
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         flat, _ = jax.flatten_util.ravel_pytree(y)
-        buffer = jnp.zeros((self.memory, flat.size), flat.dtype)
+        us = jnp.zeros((self.memory, flat.size), flat.dtype)
+        vs = jnp.zeros((self.memory, flat.size), flat.dtype)
         progress = self.start(y, aux_struct)
-        return _BroydenState(progress, buffer, buffer, flat, jnp.zeros_like(flat), jnp.array(0))
+        return _BroydenState(progress, us, vs, flat, jnp.zeros_like(flat), jnp.array(0))
 
     def step(self, fn, y, args, options, state: _BroydenState, tags):
         g_tree, aux = fn(y, args)
@@ -74,8 +191,11 @@ class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
 
         dz = z - state.previous_z
         dg = g - state.previous_g
-        step = _inverse_mv(state.us, state.vs, g)  # B g
-        dz_b = _inverse_rmv(state.us, state.vs, dz)
+        # Rows written so far: count − 1 (the first step writes nothing usable). Under vmap
+        # the largest count of the batch bounds every sample's.
+        filled = eqxi.unvmap_max(state.count) - 1
+        # B g and dzᵀ B in one pass over the filled rows (`state.us[...]` reads a buffer).
+        step, dz_b = _both_products(state.us[...], state.vs[...], g, dz, filled)
         denominator = dz_b @ dg
         usable = (state.count > 0) & (jnp.abs(denominator) > jnp.finfo(z.dtype).eps)
         safe = jnp.where(usable, denominator, 1)
