@@ -94,6 +94,14 @@ def test_cli_and_config_offer_the_table():
     assert tuple(choices["model"]) == tuple(VARIANTS)
     for field, table in (("solver", SOLVERS), ("backward", ADJOINTS), ("model", VARIANTS)):
         for name in table:
-            TrainConfig(**{field: name})
+            TrainConfig(**{field: name, **({"solver": "anderson"} if field == "backward" else {})})
         with pytest.raises(ValueError, match=f"{field} must be one of"):
             TrainConfig(**{field: "no-such-name"})
+
+
+def test_shine_backward_needs_a_quasi_newton_forward_solver():
+    from imex_deq.experiments import TrainConfig
+
+    assert TrainConfig(solver="broyden", backward="shine").backward == "shine"
+    with pytest.raises(ValueError, match="backward 'shine' needs the forward solver.*'continuous'"):
+        TrainConfig(solver="continuous", backward="shine")

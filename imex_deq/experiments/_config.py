@@ -91,6 +91,12 @@ class TrainConfig:
                 f"the {self.model} baseline has no fixed point: jac_weight and pretrain_steps "
                 "must be 0."
             )
+        needs = ADJOINTS[self.backward].forward_solvers
+        if needs is not None and self.model not in BASELINES and self.solver not in needs:
+            raise ValueError(
+                f"backward {self.backward!r} needs the forward solver to be one of "
+                f"{', '.join(needs)}; got solver {self.solver!r}."
+            )
         if self.resume and self.out_dir is None:
             raise ValueError("resume needs out_dir (where the checkpoint is).")
 

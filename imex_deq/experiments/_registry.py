@@ -10,7 +10,9 @@ import diffrax as dfx
 
 from .._adjoint import AbstractAdjoint, ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
 from .._deq import DEQ, AbstractDEQ, SkipDEQ, SkipRegDEQ
+from .._early_exit_gmres import EarlyExitGMRES
 from .._neural_ode import NeuralODE
+from .._shine import ShineAdjoint
 from .._solvers import (
     AbstractSolver,
     AdamsBashforth3,
@@ -75,11 +77,18 @@ class Backward:
     build: Callable[[float], AbstractAdjoint]
     label: str
     implicit: bool
+    forward_solvers: tuple[str, ...] | None = None
+    """The forward solvers it works with (None: all)."""
 
 
 ADJOINTS: Mapping[str, Backward] = MappingProxyType(
     {
         "gmres": Backward(lambda rtol: ImplicitAdjoint(), "Implicit(GMRES)", True),
+        "gmres-early": Backward(
+            lambda rtol: ImplicitAdjoint(EarlyExitGMRES(rtol=1e-3, max_steps=20)),
+            "Implicit(EarlyExitGMRES)",
+            True,
+        ),
         "anderson": Backward(
             lambda rtol: ImplicitAdjoint(linear_solver=Anderson(rtol=rtol)),
             "Implicit(Anderson)",
@@ -90,13 +99,21 @@ ADJOINTS: Mapping[str, Backward] = MappingProxyType(
             "Implicit(FixedPoint)",
             True,
         ),
+        "shine": Backward(lambda rtol: ShineAdjoint(), "SHINE", False, ("anderson", "broyden")),
+        "shine-refine": Backward(
+            lambda rtol: ShineAdjoint(refine_steps=2), "SHINE+2", False, ("anderson", "broyden")
+        ),
         "phantom": Backward(lambda rtol: PhantomAdjoint(steps=5, damp=0.5), "Phantom(5)", False),
+        "jfb": Backward(lambda rtol: PhantomAdjoint(steps=1), "JFB (Phantom(1))", False),
         "unrolled": Backward(lambda rtol: UnrolledAdjoint(), "Unrolled", False),
     }
 )
 """Backward strategies by name (`--backward`, `TrainConfig.backward`): the implicit adjoint
-with GMRES (its own default tolerance), Anderson or fixed-point iteration for the linear
-system; five damped phantom steps; plain backpropagation through the solver."""
+with lineax's GMRES (its own default tolerance), GMRES stopping at relative residual 1e-3,
+Anderson or fixed-point iteration for the linear system; SHINE (the forward Broyden or
+Anderson inverse-Jacobian estimate, alone or with two refinement steps); five damped
+phantom steps; Jacobian-free backprop (one undamped phantom step); plain backpropagation
+through the solver."""
 
 
 def make_adjoint(name: str, rtol: float) -> AbstractAdjoint:
