@@ -252,4 +252,4 @@ def _equilibrium_solve_bwd(
     lam, nfe = adjoint.solve_adjoint(lambda v: vjp_z(v)[0], cotangent, memory)
     _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), (fn, args))
     (grad_fn, grad_args) = vjp_fn_args(lam)[0]
-    return grad_fn, grad_args, jnp.asarray(nfe + 1, counter.dtype)
+    return grad_fn, grad_args, _per_sample(nfe + 1, z_star, counter.dtype)

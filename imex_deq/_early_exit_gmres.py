@@ -85,16 +85,19 @@ class EarlyExitGMRES(lx.AbstractLinearSolver):
         tolerance = jnp.maximum(self.atol, self.rtol * jnp.linalg.norm(b))
         basis = jnp.zeros((m + 1, b.size), b.dtype).at[0].set(r0 / jnp.where(beta > 0, beta, 1))
         upper = jnp.zeros((m, m), b.dtype)
-        cosines = jnp.zeros(m, b.dtype)
-        sines = jnp.zeros(m, b.dtype)
-        rotated_rhs = jnp.zeros(m + 1, b.dtype).at[0].set(beta)
+        # The product of the Givens rotations so far: rotations @ (β e₁) is the rotated
+        # right-hand side, whose entry k is the residual norm after k steps.
+        rotations = jnp.eye(m + 1, dtype=b.dtype)
+
+        def residual_after(k, rotations):
+            return jnp.abs(beta * rotations[k, 0])
 
         def keep_going(carry):
-            k, _, _, _, _, rotated_rhs = carry
-            return (k < m) & (jnp.abs(rotated_rhs[k]) > tolerance)
+            k, _, _, rotations = carry
+            return (k < m) & (residual_after(k, rotations) > tolerance)
 
         def arnoldi_step(carry):
-            k, basis, upper, cosines, sines, rotated_rhs = carry
+            k, basis, upper, rotations = carry
             w = mv(basis[k])
             earlier = (jnp.arange(m + 1) <= k).astype(b.dtype)
             h = (basis @ w) * earlier
@@ -104,27 +107,21 @@ class EarlyExitGMRES(lx.AbstractLinearSolver):
             h = h + correction
             norm = jnp.linalg.norm(w)
             basis = basis.at[k + 1].set(w / jnp.where(norm > 0, norm, 1))
-            column = h.at[k + 1].set(norm)
-
-            def rotate(i, column):
-                top = cosines[i] * column[i] + sines[i] * column[i + 1]
-                bottom = -sines[i] * column[i] + cosines[i] * column[i + 1]
-                rotated = column.at[i].set(top).at[i + 1].set(bottom)
-                return jnp.where(i < k, rotated, column)
-
-            column = jax.lax.fori_loop(0, m, rotate, column)
+            column = rotations @ h.at[k + 1].set(norm)
             c, s = _givens(column[k], column[k + 1])
-            column = column.at[k].set(c * column[k] + s * column[k + 1]).at[k + 1].set(0)
-            upper = upper.at[:, k].set(column[:m])
-            g = rotated_rhs[k]
-            rotated_rhs = rotated_rhs.at[k].set(c * g).at[k + 1].set(-s * g)
-            return k + 1, basis, upper, cosines.at[k].set(c), sines.at[k].set(s), rotated_rhs
+            upper = upper.at[:, k].set(column.at[k].set(c * column[k] + s * column[k + 1])[:m])
+            top, bottom = rotations[k], rotations[k + 1]
+            rotations = (
+                rotations.at[k].set(c * top + s * bottom).at[k + 1].set(c * bottom - s * top)
+            )
+            return k + 1, basis, upper, rotations
 
-        carry = (jnp.array(0), basis, upper, cosines, sines, rotated_rhs)
-        steps, basis, upper, _, _, rotated_rhs = jax.lax.while_loop(keep_going, arnoldi_step, carry)
-        coefficients = _back_substitute(upper, rotated_rhs[:m], steps)
+        carry = (jnp.array(0), basis, upper, rotations)
+        steps, basis, upper, rotations = jax.lax.while_loop(keep_going, arnoldi_step, carry)
+        rotated_rhs = beta * rotations[:m, 0]
+        coefficients = _back_substitute(upper, rotated_rhs, steps)
         x = x0 + coefficients @ basis[:m]
-        converged = jnp.abs(rotated_rhs[steps]) <= tolerance
+        converged = residual_after(steps, rotations) <= tolerance
         result = lx.RESULTS.where(converged, lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
         stats = {"num_steps": steps, "max_steps": m, "matvecs": steps + initial_products}
         return unravel(x), result, stats
