@@ -9,8 +9,9 @@ gradient (forward + backward, median of --repeats calls after compile).
 Problems:
 - `mnist-dense`: the paper's MNIST-dense Vanilla DEQ on Fashion-MNIST, first trained
   --warmup steps (default adjoint), so the Jacobian is a trained one.
-- `mnist-conv`: the multiscale conv DEQ (`experiments.mnist_conv()`), weights from
-  --conv-checkpoint (a `reproduce mnist-conv` Vanilla run) when it exists, else initial.
+- `mnist-conv`: the multiscale conv DEQ (`experiments.mnist_conv()`), --conv-model (Skip
+  Reg. by default), weights from --conv-checkpoint (the 10-epoch `reproduce mnist-conv`
+  run's) when it exists, else initial.
 
 The forward solve is Anderson (rtol --rtol, at most --max-steps) for every row, and Broyden
 for the Broyden SHINE row (against its own exact gradient).
@@ -28,6 +29,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import report, threads, timing
 
+CONV_RUNS = "docs/results/mnist-conv-10ep/mnist-conv/runs"
+
 CONV_CHECKPOINT = "docs/results/mnist-conv-10ep/mnist-conv/runs/vanilla-anderson-s0/checkpoint.eqx"
 
 
@@ -41,12 +44,19 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--problems", default="mnist-dense,mnist-conv")
-    p.add_argument("--conv-checkpoint", default=CONV_CHECKPOINT)
+    p.add_argument("--conv-model", default="skip-reg", help="vanilla | skip-reg")
+    p.add_argument(
+        "--conv-checkpoint",
+        default=None,
+        help=f"default: {CONV_RUNS}/<conv-model>-anderson-s0/checkpoint.eqx",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.conv_checkpoint is None:
+        args.conv_checkpoint = f"{CONV_RUNS}/{args.conv_model}-anderson-s0/checkpoint.eqx"
     threads.configure_threads(args.threads)
     import equinox as eqx
     import jax
@@ -65,7 +75,7 @@ def main(argv=None):
     def config_for(problem):
         architecture = "dense" if problem == "mnist-dense" else "conv"
         return TrainConfig(
-            model="vanilla",
+            model="vanilla" if problem == "mnist-dense" else args.conv_model,
             solver="anderson",
             architecture=architecture,
             rtol=args.rtol,

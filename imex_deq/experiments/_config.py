@@ -57,7 +57,7 @@ class TrainConfig:
     pretrain_depth: int = 5
     rtol: float = 5e-3
     max_steps: int = 50
-    backward: str = "gmres"
+    backward: str = "gmres-early"
     limit_train: int | None = None
     limit_test: int | None = None
     evals_per_epoch: int = 1

@@ -8,9 +8,14 @@ from typing import Any, TypeVar
 
 import diffrax as dfx
 
-from .._adjoint import AbstractAdjoint, ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
+from .._adjoint import (
+    AbstractAdjoint,
+    ImplicitAdjoint,
+    PhantomAdjoint,
+    UnrolledAdjoint,
+    restarted_gmres,
+)
 from .._deq import DEQ, AbstractDEQ, SkipDEQ, SkipRegDEQ
-from .._early_exit_gmres import EarlyExitGMRES
 from .._neural_ode import NeuralODE
 from .._shine import ShineAdjoint
 from .._solvers import (
@@ -83,12 +88,8 @@ class Backward:
 
 ADJOINTS: Mapping[str, Backward] = MappingProxyType(
     {
-        "gmres": Backward(lambda rtol: ImplicitAdjoint(), "Implicit(GMRES)", True),
-        "gmres-early": Backward(
-            lambda rtol: ImplicitAdjoint(EarlyExitGMRES(rtol=1e-3, max_steps=20)),
-            "Implicit(EarlyExitGMRES)",
-            True,
-        ),
+        "gmres": Backward(lambda rtol: ImplicitAdjoint(restarted_gmres()), "Implicit(GMRES)", True),
+        "gmres-early": Backward(lambda rtol: ImplicitAdjoint(), "Implicit(EarlyExitGMRES)", True),
         "anderson": Backward(
             lambda rtol: ImplicitAdjoint(linear_solver=Anderson(rtol=rtol)),
             "Implicit(Anderson)",
@@ -109,7 +110,8 @@ ADJOINTS: Mapping[str, Backward] = MappingProxyType(
     }
 )
 """Backward strategies by name (`--backward`, `TrainConfig.backward`): the implicit adjoint
-with lineax's GMRES (its own default tolerance), GMRES stopping at relative residual 1e-3,
+with lineax's restarted GMRES (`restarted_gmres()`), with `EarlyExitGMRES` (the library's
+and training's default, stopping at relative residual 1e-3),
 Anderson or fixed-point iteration for the linear system; SHINE (the forward Broyden or
 Anderson inverse-Jacobian estimate, alone or with two refinement steps); five damped
 phantom steps; Jacobian-free backprop (one undamped phantom step); plain backpropagation
