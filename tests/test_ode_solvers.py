@@ -234,13 +234,16 @@ def test_adams_implicit_gradient_under_jit_and_vmap():
     with enable_x64():
         cell = tiny_cell(jax.random.key(0), dtype=jnp.float64)
         xs = jax.random.normal(jax.random.key(1), (3, N), jnp.float64)
+        exact_adjoint = imex_deq.ImplicitAdjoint(imex_deq.EarlyExitGMRES(rtol=1e-12, max_steps=N))
 
         def loss(cell, ode_solver):
             # A third-order method pays for very tight tolerances: 1e-8 here.
             solver = SteadyStateODE(rtol=1e-8, atol=1e-8, ode_solver=ode_solver)
 
             def one(x):
-                sol = imex_deq.fixed_point(cell, solver, jnp.zeros(N), x, max_steps=5000)
+                sol = imex_deq.fixed_point(
+                    cell, solver, jnp.zeros(N), x, max_steps=5000, adjoint=exact_adjoint
+                )
                 return jnp.sum(sol.value**2), sol.result
 
             values, results = jax.vmap(one)(xs)
