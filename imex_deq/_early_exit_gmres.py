@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float
 
+from ._linear_solve import AbstractSquareSolver
 from ._solvers._linear import linear_solve_matvecs
 
 
@@ -33,7 +34,7 @@ def _back_substitute(upper: Float[Array, "m m"], rhs: Float[Array, " m"], size) 
     return jax.lax.fori_loop(0, m, body, jnp.zeros_like(rhs))
 
 
-class EarlyExitGMRES(lx.AbstractLinearSolver):
+class EarlyExitGMRES(AbstractSquareSolver):
     """GMRES without restarts that checks its residual after every Arnoldi step and stops
     as soon as ‖b − A x‖ ≤ max(atol, rtol·‖b‖), so an easy system costs one or two
     operator products (lineax's GMRES spends at least two restart cycles).
@@ -61,11 +62,6 @@ class EarlyExitGMRES(lx.AbstractLinearSolver):
                 f"EarlyExitGMRES: tolerances must be non-negative, got rtol={self.rtol}, "
                 f"atol={self.atol}."
             )
-
-    def init(self, operator, options):
-        if eqx.tree_equal(operator.in_structure(), operator.out_structure()) is not True:
-            raise ValueError("EarlyExitGMRES needs a square operator.")
-        return operator
 
     def compute(self, state, vector, options: dict[str, Any]):
         operator = state
@@ -125,15 +121,6 @@ class EarlyExitGMRES(lx.AbstractLinearSolver):
         result = lx.RESULTS.where(converged, lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
         stats = {"num_steps": steps, "max_steps": m, "matvecs": steps + initial_products}
         return unravel(x), result, stats
-
-    def transpose(self, state, options):
-        return state.transpose(), options
-
-    def conj(self, state, options):
-        return lx.conj(state), options
-
-    def assume_full_rank(self):
-        return True
 
 
 @linear_solve_matvecs.register

@@ -18,7 +18,26 @@ class _Iteration(eqx.Module):
         return jax.tree_util.tree_map(lambda xi, axi, bi: xi - axi + bi, x, self.operator.mv(x), b)
 
 
-class FixedPointLinearSolver(lx.AbstractLinearSolver):
+class AbstractSquareSolver(lx.AbstractLinearSolver):
+    """What imex-deq's matrix-free lineax solvers share: a square operator kept as the
+    state, and its transpose and conjugate for lineax's own transposed solves."""
+
+    def init(self, operator, options):
+        if eqx.tree_equal(operator.in_structure(), operator.out_structure()) is not True:
+            raise ValueError(f"{type(self).__name__} needs a square operator.")
+        return operator
+
+    def transpose(self, state, options):
+        return state.transpose(), options
+
+    def conj(self, state, options):
+        return lx.conj(state), options
+
+    def assume_full_rank(self):
+        return True
+
+
+class FixedPointLinearSolver(AbstractSquareSolver):
     """A lineax linear solver that solves A x = b by running an imex-deq solver on the
     fixed-point iteration x ← x − A x + b = (I − A) x + b, from x = b.
 
@@ -52,11 +71,6 @@ class FixedPointLinearSolver(lx.AbstractLinearSolver):
                 f"FixedPointLinearSolver: max_steps must be at least 1, got {self.max_steps}."
             )
 
-    def init(self, operator, options):
-        if eqx.tree_equal(operator.in_structure(), operator.out_structure()) is not True:
-            raise ValueError("FixedPointLinearSolver needs a square operator.")
-        return operator
-
     def compute(self, state, vector, options):
         x0 = options.get("y0", vector)
         sol = self.solver.solve(
@@ -73,15 +87,6 @@ class FixedPointLinearSolver(lx.AbstractLinearSolver):
         )
         stats = {"num_steps": sol.num_steps, "max_steps": self.max_steps, "nfe": sol.nfe}
         return sol.value, result, stats
-
-    def transpose(self, state, options):
-        return state.transpose(), options
-
-    def conj(self, state, options):
-        return lx.conj(state), options
-
-    def assume_full_rank(self):
-        return True
 
 
 @linear_solve_matvecs.register
