@@ -35,6 +35,7 @@ from ._solvers import NewtonKrylov as NewtonKrylov
 from ._solvers import Progress as Progress
 from ._solvers import PseudoTransient as PseudoTransient
 from ._solvers import SteadyStateODE as SteadyStateODE
+from ._solvers import default_ode_control as default_ode_control
 from ._solvers import linear_solve_matvecs as linear_solve_matvecs
 
 __version__ = "0.1.0"

@@ -337,3 +337,18 @@ def test_pseudo_transient_returns_the_best_iterate_at_the_cap():
 def test_pseudo_transient_validates_its_steps(options):
     with pytest.raises(ValueError, match="PseudoTransient"):
         PseudoTransient(**options)
+
+
+def test_step_control_defaults_and_overrides():
+    """Loose PI control for stability-limited Runge–Kutta tableaux, integral control at
+    (rtol, rtol / 50) for Bosh3 and Adams; any option given overrides its default."""
+    assert SteadyStateODE(rtol=1e-3).ode_control() == pytest.approx((5e-3, 5e-4, 0.4, 0.3))
+    assert SteadyStateODE(rtol=1e-3, ode_solver=dfx.Heun()).ode_control() == pytest.approx(
+        (5e-3, 5e-4, 0.4, 0.3)
+    )
+    for small_region in (dfx.Bosh3(), AdamsBashforth3()):
+        control = SteadyStateODE(rtol=1e-3, ode_solver=small_region).ode_control()
+        assert control == pytest.approx((1e-3, 2e-5, 0.0, 1.0))
+    custom = SteadyStateODE(rtol=1e-3, ode_atol=1e-6, ode_pcoeff=0.0)
+    assert custom.ode_control() == pytest.approx((5e-3, 1e-6, 0.0, 0.3))
+    assert imex_deq.default_ode_control(dfx.Tsit5(), 1e-2) == pytest.approx((5e-2, 5e-3, 0.4, 0.3))

@@ -11,3 +11,4 @@ from ._linear import linear_solve_matvecs as linear_solve_matvecs
 from ._newton_krylov import NewtonKrylov as NewtonKrylov
 from ._pseudo_transient import PseudoTransient as PseudoTransient
 from ._steady_state_ode import SteadyStateODE as SteadyStateODE
+from ._steady_state_ode import default_ode_control as default_ode_control

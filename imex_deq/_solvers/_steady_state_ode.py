@@ -265,15 +265,18 @@ class SteadyStateODE(AbstractSolver):
     def __check_init__(self):
         _check_ode_solver(self.ode_solver)
 
+    def ode_control(self) -> tuple[float, float, float, float]:
+        """(ode_rtol, ode_atol, pcoeff, icoeff) in effect: those given, else the defaults
+        for `ode_solver`."""
+        default = default_ode_control(self.ode_solver, self.rtol)
+        given = (self.ode_rtol, self.ode_atol, self.ode_pcoeff, self.ode_icoeff)
+        return tuple(d if g is None else g for g, d in zip(given, default))
+
     def solve(self, fn, z0, args, *, max_steps, differentiable):
         def at_steady_state(t, y, fn_and_args, **kwargs):
             return self.converged(y[1].residual)
 
-        default = default_ode_control(self.ode_solver, self.rtol)
-        given = (self.ode_rtol, self.ode_atol, self.ode_pcoeff, self.ode_icoeff)
-        ode_rtol, ode_atol, pcoeff, icoeff = (
-            d if g is None else g for g, d in zip(given, default)
-        )
+        ode_rtol, ode_atol, pcoeff, icoeff = self.ode_control()
         pid = dfx.PIDController(
             rtol=ode_rtol, atol=ode_atol, pcoeff=pcoeff, icoeff=icoeff, norm=_z_norm
         )
