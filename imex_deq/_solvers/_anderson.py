@@ -7,8 +7,18 @@ from jaxtyping import Array, Float, Int
 
 from .._custom_types import Termination
 from .._solution import scaled_residual
-from ._base import AbstractFixedPointSolver, Progress
+from ._base import AbstractFixedPointSolver, Progress, _solution
+from ._buffered_loop import buffered_solve
 from ._small_linalg import solve_spd
+
+
+class _NoAux(eqx.Module):
+    """`fn(z, args) -> (f(z), None)`, as optimistix calls f without auxiliary output."""
+
+    fn: object
+
+    def __call__(self, z, args):
+        return self.fn(z, args), None
 
 
 class _AndersonState(eqx.Module):
@@ -70,6 +80,19 @@ class Anderson(AbstractFixedPointSolver):
                 f"Anderson: restart_ratio must be at least 1, got {self.restart_ratio}."
             )
 
+    def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
+        if differentiable:
+            return super()._solve_keeping_state(fn, z0, args, max_steps, differentiable)
+        sol = buffered_solve(
+            self,
+            _NoAux(fn),
+            z0,
+            args,
+            max_steps=max_steps,
+            buffers=lambda state: (state.images, state.residuals),
+        )
+        return _solution(sol, sol.value), sol.state
+
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         flat, _ = jax.flatten_util.ravel_pytree(y)
         buffer = jnp.zeros((self.history, flat.size), flat.dtype)
@@ -103,22 +126,25 @@ class Anderson(AbstractFixedPointSolver):
         best_fz, _ = jax.flatten_util.ravel_pytree(progress.value)
         slot = jnp.where(restart, 0, state.count % self.history)
         count = jnp.where(restart, 1, state.count + 1)
+        # `buffer[...]` reads and `.at[slot].set` writes: the history may be an in-place
+        # buffer of `buffered_solve`.
+        new_residual = jnp.where(restart, best_g, g)
         images = state.images.at[slot].set(jnp.where(restart, best_fz, fz))
-        residuals = state.residuals.at[slot].set(jnp.where(restart, best_g, g))
+        residuals = state.residuals.at[slot].set(new_residual)
         used = jnp.arange(self.history) < jnp.minimum(count, self.history)
         # Only the new residual's row of the Gram matrix changes: a matrix-vector product
         # instead of a (batched, on XLA CPU slow) matrix-matrix one. Entries left from
         # before a restart are masked out by `used` until overwritten.
-        row = residuals @ residuals[slot]
+        row = residuals[...] @ new_residual
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
         scale = jnp.max(jnp.where(used, jnp.diagonal(gram), 0)) + jnp.finfo(z.dtype).tiny
         eye = jnp.eye(self.history, dtype=z.dtype)
         regularised = jnp.where(used[:, None] & used[None, :], gram + self.ridge * scale * eye, eye)
         weights = solve_spd(regularised, used.astype(z.dtype))
         weights = weights / jnp.sum(weights)
-        z_next = weights @ images
+        z_next = weights @ images[...]
         if self.damp != 0.0:  # mix the iterates z = f(z) - (f(z) - z) in by `damp`
-            z_next = z_next - self.damp * (weights @ residuals)
+            z_next = z_next - self.damp * (weights @ residuals[...])
         restarts = state.restarts + restart.astype(state.restarts.dtype)
         restarted_from = jnp.where(restart, progress.best_step, state.restarted_from)
         new_state = _AndersonState(

@@ -21,6 +21,8 @@ from ._reproduce import reproduce as reproduce
 from ._training import NonFiniteError as NonFiniteError
 from ._training import Trainer as Trainer
 from ._training import evaluate as evaluate
+from ._training import load_trained as load_trained
 from ._training import make_optimizer as make_optimizer
+from ._training import make_trainer as make_trainer
 from ._training import train as train
 from ._training import with_model_precision as with_model_precision

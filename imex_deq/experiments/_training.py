@@ -190,6 +190,24 @@ class Trainer(eqx.Module):
         return jnp.argmax(logits, -1), info.nfe, info.result == RESULTS.successful
 
 
+def make_trainer(config: TrainConfig, data: Dataset) -> Trainer:
+    """The `Trainer` of `config` on `data` (its learning-rate schedule spans all steps)."""
+    total_steps = num_batches(len(data.x_train), config.batch_size) * config.epochs
+    return Trainer(config, make_optimizer(config, total_steps))
+
+
+def load_trained(config: TrainConfig, data: Dataset) -> tuple[Trainer, Classifier]:
+    """`(trainer, model)` of the run of `config` saved in `config.out_dir` (its last
+    checkpoint: the finished model, or where an interrupted run stopped). A missing,
+    truncated or mismatched checkpoint is a `CheckpointError` naming the file."""
+    if config.out_dir is None:
+        raise ValueError("load_trained: config.out_dir is None (where is the checkpoint?).")
+    trainer = make_trainer(config, data)
+    template = eqx.filter_eval_shape(_initial_state, config, data, trainer)
+    (model, _), _ = load_checkpoint(Path(config.out_dir) / CHECKPOINT, template)
+    return trainer, model
+
+
 def _all_finite(tree) -> Array:
     """Whether every inexact array in `tree` is finite (one reduction per leaf)."""
     leaves = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
@@ -342,7 +360,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
         writer.mkdir(parents=True, exist_ok=True)
     per_epoch = num_batches(len(data.x_train), config.batch_size)
     total_steps = per_epoch * config.epochs
-    trainer = Trainer(config, make_optimizer(config, total_steps))
+    trainer = make_trainer(config, data)
     if config.resume and (out / CHECKPOINT).exists():
         model, opt_state, meta = _resume(config, data, trainer, out)
     else:

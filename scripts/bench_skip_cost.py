@@ -1,0 +1,153 @@
+"""What the implicit correction costs: each trained DEQ's training step and prediction
+against the explicit network's, timed side by side in one run.
+
+MNIST-dense on Fashion-MNIST (no download: the Debian `dataset-fashion-mnist` package),
+λ_skip --skip-weight, the library's defaults otherwise. Each run of --runs
+(model:solver:backward) is trained for --epochs with `imex_deq.experiments.train` into
+--out (a finished run there is reused), then every model's jitted training step and
+prediction on one batch of --batch are timed in interleaved rounds (each model once per
+round, --rounds rounds, medians), so that load changes hit every row alike. Ratios are
+to the explicit network (f applied once to 0).
+
+Usage: python scripts/bench_skip_cost.py [--threads 1] [--epochs 2] [--rounds 200]
+    [--runs explicit:anderson:gmres-early,skip-reg:anderson:gmres-early,...]
+Prints a markdown table to stdout, progress to stderr; writes results/bench_skip_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import report, threads, timing
+
+DEFAULT_RUNS = ",".join(
+    [
+        "explicit:anderson:gmres-early",
+        "skip-reg:anderson:gmres-early",
+        "skip-reg:fixed-point:gmres-early",
+        "skip-reg:continuous:gmres-early",
+        "vanilla:anderson:gmres-early",
+        "vanilla:continuous:gmres-early",
+    ]
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--skip-weight", type=float, default=1.0)
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="model:solver:backward,...")
+    p.add_argument("--out", default="results/bench_skip_cost", help="where the runs are saved")
+    return p.parse_args(argv)
+
+
+def trained_runs(args, data):
+    """[(run name, summary, trainer, model)] for every run of --runs, trained or reused."""
+    from imex_deq.experiments import TrainConfig, load_trained, train
+
+    runs = []
+    for run in args.runs.split(","):
+        model, solver, backward = run.split(":")
+        config = TrainConfig(
+            model=model,
+            solver=solver,
+            backward=backward,
+            epochs=args.epochs,
+            batch_size=args.batch,
+            skip_weight=args.skip_weight,
+            dataset="fashion-mnist",
+            progress=False,
+            out_dir=os.path.join(args.out, run.replace(":", "-")),
+            resume=True,
+        )
+        summary = train(config, data)
+        report.log(run, f"test accuracy {summary['test_accuracy']:.4f}")
+        runs.append((run, summary, *load_trained(config, data)))
+    return runs
+
+
+def interleaved_medians(calls: dict, rounds: int) -> dict:
+    """Median milliseconds of each zero-argument call, timed once per round in turn."""
+    import jax
+
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        jax.block_until_ready(call())  # compile and warm up
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(timing.timed(lambda c=call: jax.block_until_ready(c()))[1])
+    return {name: timing.median_ms(t) for name, t in times.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    threads.configure_threads(args.threads)
+    started = time.perf_counter()
+    import jax
+    import jax.numpy as jnp
+
+    from imex_deq.data import load_dataset
+
+    data = load_dataset("fashion-mnist")
+    runs = trained_runs(args, data)
+    x, y = jnp.asarray(data.x_train[: args.batch]), jnp.asarray(data.y_train[: args.batch])
+    x_test = jnp.asarray(data.x_test[: args.batch])
+    key = jax.random.PRNGKey(0)
+    calls = {}
+    for run, _, trainer, model in runs:
+        opt_state = trainer.optimizer.init(
+            jax.tree_util.tree_map(lambda a: a, trainer_params(model))
+        )
+        calls[(run, "step")] = lambda t=trainer, m=model, o=opt_state: t.step(m, o, x, y, key)
+        calls[(run, "predict")] = lambda t=trainer, m=model: t.predict(m, x_test)
+    medians = interleaved_medians(calls, args.rounds)
+    explicit = next((run for run, *_ in runs if run.startswith("explicit:")), None)
+    rows = []
+    for run, summary, trainer, model in runs:
+        _, nfe, _ = trainer.predict(model, x_test)
+        row = {
+            "run": run,
+            "test_accuracy": summary["test_accuracy"],
+            "test_nfe": summary["test_nfe"],
+            "batch_max_nfe": int(jnp.max(nfe)),
+            "step_ms": medians[(run, "step")],
+            "predict_ms": medians[(run, "predict")],
+        }
+        if explicit is not None:
+            row["step_ratio"] = row["step_ms"] / medians[(explicit, "step")]
+            row["predict_ratio"] = row["predict_ms"] / medians[(explicit, "predict")]
+        rows.append(row)
+    print(f"\n{threads.machine_line(args.threads)}\n")
+    print(
+        f"MNIST-dense on Fashion-MNIST, {args.epochs} epochs, λ_skip {args.skip_weight:g}, "
+        f"batch {args.batch}; medians of {args.rounds} interleaved rounds.\n"
+    )
+    print(
+        "| model:solver:backward | test acc. % | test NFE | batch max NFE | step (ms) | "
+        "step / explicit | predict (ms) | predict / explicit |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['run']} | {100 * r['test_accuracy']:.2f} | {r['test_nfe']:.2f} | "
+            f"{r['batch_max_nfe']} | {r['step_ms']:.3f} | {r.get('step_ratio', float('nan')):.2f} | "
+            f"{r['predict_ms']:.3f} | {r.get('predict_ratio', float('nan')):.2f} |"
+        )
+    report.write_results("results/bench_skip_cost.json", {"args": vars(args), "rows": rows}, started)
+
+
+def trainer_params(model):
+    import equinox as eqx
+
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+if __name__ == "__main__":
+    main()
