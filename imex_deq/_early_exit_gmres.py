@@ -3,6 +3,7 @@
 from typing import Any
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ class EarlyExitGMRES(AbstractSquareSolver):
         beta = jnp.linalg.norm(r0)
         tolerance = jnp.maximum(self.atol, self.rtol * jnp.linalg.norm(b))
         basis = jnp.zeros((m + 1, b.size), b.dtype).at[0].set(r0 / jnp.where(beta > 0, beta, 1))
-        upper = jnp.zeros((m, m), b.dtype)
+        upper = jnp.zeros((m, m), b.dtype)  # transposed: row k is column k of R
         # The product of the Givens rotations so far: rotations @ (β e₁) is the rotated
         # right-hand side, whose entry k is the residual norm after k steps.
         rotations = jnp.eye(m + 1, dtype=b.dtype)
@@ -94,18 +95,21 @@ class EarlyExitGMRES(AbstractSquareSolver):
 
         def arnoldi_step(carry):
             k, basis, upper, rotations = carry
+            # `x[...]` reads and `.at[i].set` writes: the arrays are in-place buffers of the
+            # loop, so that under vmap a step writes one row instead of selecting the whole
+            # basis per sample.
             w = mv(basis[k])
             earlier = (jnp.arange(m + 1) <= k).astype(b.dtype)
-            h = (basis @ w) * earlier
-            w = w - h @ basis
-            correction = (basis @ w) * earlier  # one reorthogonalisation pass
-            w = w - correction @ basis
+            h = (basis[...] @ w) * earlier
+            w = w - h @ basis[...]
+            correction = (basis[...] @ w) * earlier  # one reorthogonalisation pass
+            w = w - correction @ basis[...]
             h = h + correction
             norm = jnp.linalg.norm(w)
             basis = basis.at[k + 1].set(w / jnp.where(norm > 0, norm, 1))
-            column = rotations @ h.at[k + 1].set(norm)
+            column = rotations[...] @ h.at[k + 1].set(norm)
             c, s = _givens(column[k], column[k + 1])
-            upper = upper.at[:, k].set(column.at[k].set(c * column[k] + s * column[k + 1])[:m])
+            upper = upper.at[k].set(column.at[k].set(c * column[k] + s * column[k + 1])[:m])
             top, bottom = rotations[k], rotations[k + 1]
             rotations = (
                 rotations.at[k].set(c * top + s * bottom).at[k + 1].set(c * bottom - s * top)
@@ -113,9 +117,16 @@ class EarlyExitGMRES(AbstractSquareSolver):
             return k + 1, basis, upper, rotations
 
         carry = (jnp.array(0), basis, upper, rotations)
-        steps, basis, upper, rotations = jax.lax.while_loop(keep_going, arnoldi_step, carry)
+        steps, basis, upper, rotations = eqxi.while_loop(
+            keep_going,
+            arnoldi_step,
+            carry,
+            max_steps=m,
+            buffers=lambda carry: carry[1:],
+            kind="lax",
+        )
         rotated_rhs = beta * rotations[:m, 0]
-        coefficients = _back_substitute(upper, rotated_rhs, steps)
+        coefficients = _back_substitute(upper.T, rotated_rhs, steps)
         x = x0 + coefficients @ basis[:m]
         converged = residual_after(steps, rotations) <= tolerance
         result = lx.RESULTS.where(converged, lx.RESULTS.successful, lx.RESULTS.max_steps_reached)

@@ -24,16 +24,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import report, threads, timing
 
-DEFAULT_RUNS = ",".join(
-    [
-        "explicit:anderson:gmres-early",
-        "skip-reg:anderson:gmres-early",
-        "skip-reg:fixed-point:gmres-early",
-        "skip-reg:continuous:gmres-early",
-        "vanilla:anderson:gmres-early",
-        "vanilla:continuous:gmres-early",
-    ]
+MODELS_AND_SOLVERS = (
+    ("explicit", "anderson"),
+    ("skip-reg", "anderson"),
+    ("skip-reg", "fixed-point"),
+    ("skip-reg", "continuous"),
+    ("vanilla", "anderson"),
+    ("vanilla", "continuous"),
 )
+DEFAULT_RUNS = ",".join(f"{model}:{solver}:gmres-early" for model, solver in MODELS_AND_SOLVERS)
 
 
 def parse_args(argv=None):
@@ -90,6 +89,7 @@ def main(argv=None):
     args = parse_args(argv)
     threads.configure_threads(args.threads)
     started = time.perf_counter()
+    import equinox as eqx
     import jax
     import jax.numpy as jnp
 
@@ -102,9 +102,7 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
     calls = {}
     for run, _, trainer, model in runs:
-        opt_state = trainer.optimizer.init(
-            jax.tree_util.tree_map(lambda a: a, trainer_params(model))
-        )
+        opt_state = trainer.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         calls[(run, "step")] = lambda t=trainer, m=model, o=opt_state: t.step(m, o, x, y, key)
         calls[(run, "predict")] = lambda t=trainer, m=model: t.predict(m, x_test)
     medians = interleaved_medians(calls, args.rounds)
@@ -140,13 +138,9 @@ def main(argv=None):
             f"{r['batch_max_nfe']} | {r['step_ms']:.3f} | {r.get('step_ratio', float('nan')):.2f} | "
             f"{r['predict_ms']:.3f} | {r.get('predict_ratio', float('nan')):.2f} |"
         )
-    report.write_results("results/bench_skip_cost.json", {"args": vars(args), "rows": rows}, started)
-
-
-def trainer_params(model):
-    import equinox as eqx
-
-    return eqx.filter(model, eqx.is_inexact_array)
+    report.write_results(
+        "results/bench_skip_cost.json", {"args": vars(args), "rows": rows}, started
+    )
 
 
 if __name__ == "__main__":
