@@ -34,6 +34,13 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=3, help="timed calls per row, after compile")
     p.add_argument("--max-steps", type=int, default=500, help="ODE steps or iterations")
     p.add_argument("--problems", default="dense,conv")
+    p.add_argument(
+        "--conv-run",
+        default=None,
+        help="a trained mnist_conv run folder (with summary.json and checkpoint.eqx, e.g. "
+        "docs/results/mnist-conv-10ep/mnist-conv/runs/skip-reg-anderson-s0): race its "
+        "trained cell on test images instead of a fresh cell on random ones",
+    )
     p.add_argument("--out", default="results/bench_steady_state.json")
     return p.parse_args(argv)
 
@@ -89,6 +96,22 @@ def conv_problem(batch: int):
     h, w = config.image_size
     x = jax.random.normal(key, (batch, h, w, config.in_channels))
     injection = jax.vmap(model.embed)(x)
+    return model.layer.f, jax.vmap(model.layer.zero_state)(injection), injection
+
+
+def trained_conv_problem(run_dir: str, batch: int):
+    """`(f, z0, injection)` of a trained mnist_conv run's cell on the first `batch` test
+    images of its dataset, from z0 = 0."""
+    import json
+
+    from imex_deq.data import load_dataset
+
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        saved = json.load(fh)["config"]
+    config = experiments.TrainConfig(**{**saved, "out_dir": run_dir, "progress": False})
+    data = load_dataset(config.dataset)
+    _, model = experiments.load_trained(config, data)
+    injection = jax.vmap(model.embed)(jnp.asarray(data.x_test[:batch]))
     return model.layer.f, jax.vmap(model.layer.zero_state)(injection), injection
 
 
@@ -162,8 +185,16 @@ def main(args):
         f"mnist-dense (batch {args.batch_dense})": lambda: dense_problem(args.batch_dense),
         f"mnist_conv (batch {args.batch_conv})": lambda: conv_problem(args.batch_conv),
     }
-    wanted = args.problems.split(",")
-    for (name, build), key in zip(problems.items(), ("dense", "conv")):
+    if args.conv_run is not None:
+        problems = {
+            **problems,
+            f"mnist_conv trained, {os.path.basename(args.conv_run.rstrip('/'))} "
+            f"(batch {args.batch_conv})": lambda: trained_conv_problem(
+                args.conv_run, args.batch_conv
+            ),
+        }
+    wanted = args.problems.split(",") + (["trained-conv"] if args.conv_run else [])
+    for (name, build), key in zip(problems.items(), ("dense", "conv", "trained-conv")):
         if key in wanted:
             rows += race(name, *build(), rtols, args)
     print(threads.machine_line(args.threads))
