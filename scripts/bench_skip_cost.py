@@ -29,8 +29,10 @@ MODELS_AND_SOLVERS = (
     ("skip-reg", "anderson"),
     ("skip-reg", "fixed-point"),
     ("skip-reg", "continuous"),
+    ("skip-reg", "pseudo-transient"),
     ("vanilla", "anderson"),
     ("vanilla", "continuous"),
+    ("vanilla", "pseudo-transient"),
 )
 DEFAULT_RUNS = ",".join(f"{model}:{solver}:gmres-early" for model, solver in MODELS_AND_SOLVERS)
 

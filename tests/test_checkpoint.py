@@ -1,6 +1,7 @@
 """Checkpoints: round trip, atomic writes, damaged files, and kill/resume reproducing an
 uninterrupted run bit for bit."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,7 +20,9 @@ from imex_deq.experiments import (
     Trainer,
     _checkpoint,
     build_dense_model,
+    evaluate,
     load_checkpoint,
+    load_trained,
     make_solver,
     save_checkpoint,
     train,
@@ -225,6 +228,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
         {k: v for k, v in h.items() if k not in strip} for h in reference["history"]
     ]
 
+    # load_trained hands back the finished model, which scores what the summary says.
+    trainer, model = load_trained(straight, data)
+    assert_trees_equal(model, model_a)
+    scores = evaluate(trainer, model, data.x_test, data.y_test, straight.batch_size)
+    assert scores["test_accuracy"] == reference["test_accuracy"]
+
     records = _log(killed)
     steps = [r["step"] for r in records if "type" not in r]
     assert steps == list(range(1, PER_EPOCH * EPOCHS + 1))
@@ -233,3 +242,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     reference_steps = [r for r in _log(tmp_path / "straight") if "type" not in r]
     for a, b in zip(reference_steps, (r for r in records if "type" not in r)):
         assert a["loss"] == b["loss"] and a["nfe"] == b["nfe"], a["step"]
+
+
+def test_load_trained_names_what_is_missing(tmp_path):
+    data = load_dataset("digits", limit_train=80, limit_test=32)
+    with pytest.raises(ValueError, match="out_dir is None"):
+        load_trained(dataclasses.replace(_config(tmp_path), out_dir=None), data)
+    with pytest.raises(CheckpointError, match="no checkpoint at .*nowhere"):
+        load_trained(_config(tmp_path / "nowhere"), data)
