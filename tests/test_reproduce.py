@@ -3,6 +3,7 @@ plus the table and headline ratios on hand-made results (no training)."""
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -129,6 +130,51 @@ def test_finished_run_from_before_a_setting_existed_counts_as_its_default(reprod
     assert old.lr_schedule == "constant"
     assert _reproduce.finished_run(old) == summary
     assert _reproduce.finished_run(dataclasses.replace(old, lr_schedule="cosine")) is None
+
+
+def test_moved_results_folder_is_still_reused(reproduced, tmp_path):
+    folder, _ = reproduced
+    moved = tmp_path / "vanilla-anderson-s0"
+    shutil.copytree(folder / "runs" / "vanilla-anderson-s0", moved)
+    summary = json.loads((moved / "summary.json").read_text())
+    config = TrainConfig(**{**summary["config"], "out_dir": str(moved)})
+    assert _reproduce.finished_run(config) == summary
+
+
+def test_report_only_trains_nothing_and_says_how_far_the_rest_got(
+    reproduced, tmp_path, monkeypatch
+):
+    folder, _ = reproduced
+    copy = tmp_path / "mnist-dense"
+    shutil.copytree(folder, copy)
+    (copy / "runs" / "skip-anderson-s0" / "summary.json").unlink()  # interrupted at the end
+    shutil.rmtree(copy / "runs" / "neural-ode-s0")  # never started
+
+    def no_training(config, data=None):
+        raise AssertionError(f"{config.name} was trained")
+
+    monkeypatch.setattr(_reproduce, "train", no_training)
+    returned = reproduce(
+        "mnist-dense",
+        dataset="digits",
+        seeds=1,
+        epochs=1,
+        solvers=("anderson",),
+        with_jac=False,
+        base=TINY_BASE,
+        out_dir=str(tmp_path),
+        report_only=True,
+    )
+    assert sorted(returned) == sorted(
+        f"{row}@anderson" for row in ROWS if row not in ("skip", "neural-ode")
+    )
+    text = (copy / "table.md").read_text()
+    assert (
+        "Not finished, left out: skip-anderson-s0: checkpoint at step 4 of 4; "
+        "neural-ode-s0: not started." in text
+    )
+    assert "| skip |" not in text and "| neural-ode |" not in text
+    assert "| skip-reg |" in text
 
 
 def test_plot_written(reproduced):

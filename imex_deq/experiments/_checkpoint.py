@@ -45,6 +45,24 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, meta: dict) -> None:
     write_atomically(path, buffer.getvalue())
 
 
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint written by `save_checkpoint` (e.g. its
+    `global_step`), without reading its arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise CheckpointError(f"checkpoint {path} is truncated ({len(head)} bytes)")
+        (length,) = _HEADER.unpack(head)
+        encoded = handle.read(length)
+    try:
+        return json.loads(encoded)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path} has damaged metadata: {error}") from error
+
+
 def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     """Read a checkpoint written by `save_checkpoint` into the structure of `template`
     (build it with `eqx.filter_eval_shape`). Returns `(tree, meta)`."""

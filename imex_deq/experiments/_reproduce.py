@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import load_dataset
-from ._checkpoint import write_atomically
+from ..data import load_dataset, num_batches
+from ._checkpoint import read_checkpoint_meta, write_atomically
 from ._config import TrainConfig
 from ._registry import BASELINES, DEQ_VARIANTS, VARIANTS
-from ._training import SUMMARY, train
+from ._training import CHECKPOINT, SUMMARY, train
 
 EXPERIMENTS = {
     "mnist-dense": "dense",
@@ -256,8 +256,18 @@ def plot(results: dict[Variant, list[dict]], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-_PRESENTATION_ONLY = ("progress", "resume")
-"""Options that do not change what a run computes."""
+_PRESENTATION_ONLY = ("progress", "resume", "out_dir")
+"""Options that do not change what a run computes (a results folder may be moved)."""
+
+
+def progress_of(config: TrainConfig, train_size: int) -> str:
+    """How far an unfinished run of `config` got: its last checkpoint's step of all."""
+    total = num_batches(train_size, config.batch_size) * config.epochs
+    path = Path(config.out_dir) / CHECKPOINT
+    if not path.is_file():
+        return "not started"
+    step = read_checkpoint_meta(path)["global_step"]
+    return f"checkpoint at step {step:,} of {total:,}"
 
 
 def finished_run(config: TrainConfig) -> dict | None:
@@ -288,13 +298,15 @@ def reproduce(
     with_jac: bool = True,
     base: TrainConfig | None = None,
     models: tuple[str, ...] = tuple(VARIANTS),
+    report_only: bool = False,
 ) -> dict:
     """Train every variant for every seed; write `table.md`, `results.json` and one PNG per
     solver kind under `out_dir/<experiment>`; print the table and headline ratios.
 
     Runs already finished with the same settings under `out_dir` are read back, not
     retrained (`finished_run`); with `base.resume` an interrupted run continues from its
-    last checkpoint."""
+    last checkpoint. With `report_only` nothing is trained: the report covers the finished
+    runs and says how far each unfinished one got."""
     if experiment not in EXPERIMENTS:
         raise ValueError(
             f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}."
@@ -315,6 +327,7 @@ def reproduce(
     folder = Path(out_dir) / experiment
     data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
     results: dict[Variant, list[dict]] = {}
+    unfinished: list[str] = []
     plan = variants(solvers, with_jac, models)
     for index, variant in enumerate(plan):
         for seed in range(seeds):
@@ -330,18 +343,27 @@ def reproduce(
             )
             config = dataclasses.replace(config, out_dir=str(folder / "runs" / config.name))
             summary = finished_run(config)
-            status = "finished earlier, reused" if summary else "training"
+            if summary is None and report_only:
+                unfinished.append(f"{config.name}: {progress_of(config, len(data.x_train))}")
+                status = "not finished, left out of the report"
+            else:
+                status = "finished earlier, reused" if summary else "training"
             print(f"[{index + 1}/{len(plan)}] {config.name}: {status}", file=sys.stderr, flush=True)
+            if summary is None and report_only:
+                continue
             summary = summary or train(config, data)
             results.setdefault(variant, []).append(summary)
     report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
+    if unfinished:
+        report.append("Not finished, left out: " + "; ".join(unfinished) + ".\n")
     for solver in solvers:
         paper = paper_figures(experiment, solver)
         report.append(f"## {solver}\n\n{table(results, solver, paper)}\n")
         report.extend(f"- {line}" for line in headline_ratios(results, solver))
         report.append(f"\n![{solver}]({experiment}-{solver}.png)\n")
         solver_rows = {v: r for v, r in results.items() if v.solver == solver}
-        plot(solver_rows, folder / f"{experiment}-{solver}.png", f"{experiment}, {solver}")
+        if solver_rows:
+            plot(solver_rows, folder / f"{experiment}-{solver}.png", f"{experiment}, {solver}")
     text = "\n".join(report)
     write_atomically(folder / "table.md", text.encode())
     serialisable = {f"{v.label}@{v.solver}": runs for v, runs in results.items()}

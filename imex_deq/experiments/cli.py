@@ -111,6 +111,12 @@ def parser() -> argparse.ArgumentParser:
         help="continue interrupted runs from their last checkpoint (runs that finished with "
         "the same settings are reused either way)",
     )
+    rep.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the table and plots of the finished runs, and how far each "
+        "unfinished one got",
+    )
     _add_training_options(rep)
     return top
 
@@ -174,6 +180,7 @@ def _run(args: argparse.Namespace) -> None:
         out_dir=args.out,
         with_jac=not args.no_jac,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        report_only=args.report_only,
         # Each run's own folder replaces out_dir; it is set here so resume validates.
         base=dataclasses.replace(
             _base_config(args), dataset=args.dataset, out_dir=args.out, resume=args.resume
