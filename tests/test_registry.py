@@ -9,6 +9,7 @@ import pytest
 import imex_deq
 from imex_deq.experiments import (
     ADJOINTS,
+    ODE_SOLVERS,
     SOLVERS,
     VARIANTS,
     DenseDEQCell,
@@ -105,3 +106,25 @@ def test_shine_backward_needs_a_quasi_newton_forward_solver():
     assert TrainConfig(solver="broyden", backward="shine").backward == "shine"
     with pytest.raises(ValueError, match="backward 'shine' needs the forward solver.*'continuous'"):
         TrainConfig(solver="continuous", backward="shine")
+
+
+@pytest.mark.parametrize("name", list(ODE_SOLVERS))
+def test_continuous_solver_integrates_with_the_chosen_ode_solver(name):
+    solver = make_solver("continuous", 1e-3, ode_solver=name)
+    assert isinstance(solver, imex_deq.SteadyStateODE)
+    assert type(solver.ode_solver) is type(ODE_SOLVERS[name]())
+    config = TrainConfig(solver="continuous", ode_solver=name)
+    suffix = "" if name == "tsit5" else f"-{name}"
+    assert config.name == f"skip-reg-continuous{suffix}-s0"  # runs with other ODE solvers
+    train = parser()._subparsers._group_actions[0].choices["train"]
+    choices = {action.dest: action.choices for action in train._actions if action.choices}
+    assert tuple(choices["ode_solver"]) == tuple(ODE_SOLVERS)
+
+
+def test_ode_solver_needs_the_continuous_solver_and_a_known_name():
+    with pytest.raises(ValueError, match="ode_solver must be one of tsit5, bosh3"):
+        TrainConfig(ode_solver="rk4")
+    with pytest.raises(ValueError, match="ode_solver 'adams3' applies to solver 'continuous'"):
+        TrainConfig(solver="anderson", ode_solver="adams3")
+    with pytest.raises(ValueError, match="unknown ODE solver 'rk4'"):
+        make_solver("continuous", 1e-3, ode_solver="rk4")

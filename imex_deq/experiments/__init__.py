@@ -13,6 +13,7 @@ from ._presets import cifar_small as cifar_small
 from ._presets import imagenet_small as imagenet_small
 from ._presets import mnist_conv as mnist_conv
 from ._registry import ADJOINTS as ADJOINTS
+from ._registry import ODE_SOLVERS as ODE_SOLVERS
 from ._registry import SOLVERS as SOLVERS
 from ._registry import VARIANTS as VARIANTS
 from ._registry import make_adjoint as make_adjoint

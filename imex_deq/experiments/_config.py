@@ -3,7 +3,7 @@
 import dataclasses
 import math
 
-from ._registry import ADJOINTS, BASELINES, SOLVERS, VARIANTS
+from ._registry import ADJOINTS, BASELINES, ODE_SOLVERS, SOLVERS, VARIANTS
 
 ARCHITECTURES = ("dense", "conv", "cifar-small", "cifar-large")
 """`conv` is the paper's MNIST-conv model (`mnist_conv`); the CIFAR ones are its CIFAR-10
@@ -45,6 +45,7 @@ class TrainConfig:
 
     model: str = "skip-reg"
     solver: str = "continuous"
+    ode_solver: str = "tsit5"
     dataset: str = "digits"
     architecture: str = "dense"
     epochs: int = 3
@@ -77,6 +78,12 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("model", self.model, tuple(VARIANTS))
         _check_choice("solver", self.solver, tuple(SOLVERS))
+        _check_choice("ode_solver", self.ode_solver, tuple(ODE_SOLVERS))
+        if self.ode_solver != "tsit5" and self.solver != "continuous":
+            raise ValueError(
+                f"ode_solver {self.ode_solver!r} applies to solver 'continuous' only; got "
+                f"solver {self.solver!r}."
+            )
         _check_choice("architecture", self.architecture, ARCHITECTURES)
         _check_choice("backward", self.backward, tuple(ADJOINTS))
         _check_choice("precision", self.precision, PRECISIONS)
@@ -108,4 +115,6 @@ class TrainConfig:
         """A short run name, e.g. `skip-reg-continuous-jac-s0`."""
         jac = "-jac" if self.jac_weight else ""
         solver = "" if self.model in BASELINES else f"-{self.solver}"
+        if self.ode_solver != "tsit5" and self.model not in BASELINES:
+            solver += f"-{self.ode_solver}"
         return f"{self.model}{solver}{jac}-s{self.seed}"

@@ -64,10 +64,15 @@ ODE_SOLVERS: Mapping[str, Callable[[], dfx.AbstractAdaptiveSolver]] = MappingPro
 """The continuous DEQ's ODE solvers by name (`SteadyStateODE(ode_solver=ODE_SOLVERS[name]())`)."""
 
 
-def make_solver(name: str, rtol: float) -> AbstractSolver:
+def make_solver(name: str, rtol: float, ode_solver: str = "tsit5") -> AbstractSolver:
     """The forward solver `SOLVERS[name]`, stopping at relative residual `rtol`
-    (`termination="rel"`); an unknown name is a `ValueError` listing the choices."""
-    return _lookup(SOLVERS, "solver", name)(rtol=rtol, termination="rel")
+    (`termination="rel"`); for "continuous", integrating with `ODE_SOLVERS[ode_solver]`.
+    An unknown name is a `ValueError` listing the choices."""
+    solver_class = _lookup(SOLVERS, "solver", name)
+    make_ode_solver = _lookup(ODE_SOLVERS, "ODE solver", ode_solver)
+    if solver_class is SteadyStateODE:
+        return SteadyStateODE(rtol=rtol, termination="rel", ode_solver=make_ode_solver())
+    return solver_class(rtol=rtol, termination="rel")
 
 
 # --------------------------------------------------------------------- backward strategies

@@ -8,7 +8,7 @@ import sys
 from ..data import DataError
 from ._checkpoint import CheckpointError
 from ._config import ARCHITECTURES, LR_SCHEDULES, PRECISIONS, TrainConfig
-from ._registry import ADJOINTS, SOLVERS, VARIANTS
+from ._registry import ADJOINTS, ODE_SOLVERS, SOLVERS, VARIANTS
 from ._reproduce import EXPERIMENTS, reproduce
 from ._training import NonFiniteError, train
 
@@ -42,6 +42,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     add("--pretrain-steps", type=int, default=d.pretrain_steps)
     add("--pretrain-depth", type=int, default=d.pretrain_depth)
     add("--rtol", type=float, default=d.rtol, help="relative residual to stop at")
+    add(
+        "--ode-solver",
+        choices=tuple(ODE_SOLVERS),
+        default=d.ode_solver,
+        help="the continuous DEQ's ODE solver (solver 'continuous' only)",
+    )
     add("--max-steps", type=int, default=d.max_steps)
     add(
         "--backward",
@@ -133,6 +139,7 @@ def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         pretrain_steps=args.pretrain_steps,
         pretrain_depth=args.pretrain_depth,
         rtol=args.rtol,
+        ode_solver=args.ode_solver,
         max_steps=args.max_steps,
         backward=args.backward,
         limit_train=args.limit_train,
