@@ -181,3 +181,48 @@ def test_reproduce_resume_runs(tmp_path):
     ]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "mnist-dense" / "runs" / "explicit-s0" / "summary.json").is_file()
+
+
+# ------------------------------------------------------------ huge pages for XLA's buffers
+
+
+def test_huge_pages_environment_decides_when_to_restart():
+    from imex_deq.experiments._hugepages import huge_pages_environment
+
+    new = huge_pages_environment({"PATH": "/bin"}, "madvise", (2, 36))
+    assert new == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    kept = huge_pages_environment({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, "always", (2, 39))
+    assert kept["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1"
+    for environ, mode, version in (
+        ({}, "never", (2, 36)),  # huge pages off
+        ({}, None, (2, 36)),  # not Linux, or unknown
+        ({}, "madvise", (2, 31)),  # glibc without the tunable
+        ({}, "madvise", None),  # not glibc
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", (2, 36)),  # user's choice
+        ({"IMEX_DEQ_HUGEPAGES": "0"}, "madvise", (2, 36)),  # opted out
+    ):
+        assert huge_pages_environment(environ, mode, version) is None, (environ, mode, version)
+
+
+def test_restart_sets_the_tunable_where_it_helps():
+    import os
+    import subprocess
+    import sys
+
+    from imex_deq.experiments import _hugepages
+
+    environ = {
+        k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "IMEX_DEQ_HUGEPAGES")
+    }
+    code = (
+        "from imex_deq.experiments._hugepages import restart_with_huge_pages as restart; "
+        "restart(['-c', 'import os; print(os.environ.get(\"GLIBC_TUNABLES\", \"unset\"))'])"
+        "; print('not restarted')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    expected = _hugepages.huge_pages_environment(
+        environ, _hugepages._thp_mode(), _hugepages._glibc_version()
+    )
+    assert out == ("glibc.malloc.hugetlb=1" if expected else "not restarted")

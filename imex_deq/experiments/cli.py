@@ -8,6 +8,7 @@ import sys
 from ..data import DataError
 from ._checkpoint import CheckpointError
 from ._config import ARCHITECTURES, LR_SCHEDULES, PRECISIONS, TrainConfig
+from ._hugepages import restart_with_huge_pages
 from ._registry import ADJOINTS, ODE_SOLVERS, SOLVERS, VARIANTS
 from ._reproduce import EXPERIMENTS, reproduce
 from ._training import NonFiniteError, train
@@ -196,7 +197,11 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `imex-deq`; returns the exit status."""
+    """Entry point of `imex-deq`; returns the exit status. Run as the command (no `argv`),
+    it first restarts itself once with transparent huge pages for XLA's buffers where
+    that helps (`_hugepages`; `IMEX_DEQ_HUGEPAGES=0` opts out)."""
+    if argv is None:
+        restart_with_huge_pages(["-m", "imex_deq.experiments.cli", *sys.argv[1:]])
     args = parser().parse_args(argv)
     try:
         _run(args)
