@@ -54,7 +54,7 @@ def legacy_broyden_class():
     from jaxtyping import Array, Float, Int
 
     import imex_deq as deq
-    from imex_deq._solvers._base import AbstractRootFinder, Progress
+    from imex_deq._solvers._base import Progress
 
     class _State(eqx.Module):
         progress: Progress
@@ -65,10 +65,7 @@ def legacy_broyden_class():
         count: Int[Array, ""]
 
     class LegacyBroyden(deq.Broyden):
-        def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
-            return AbstractRootFinder._solve_keeping_state(
-                self, fn, z0, args, max_steps, differentiable
-            )
+        history_fields = ()  # optimistix's own loop, as before the buffered one
 
         def init(self, fn, y, args, options, f_struct, aux_struct, tags):
             flat, _ = jax.flatten_util.ravel_pytree(y)

@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import report, threads, timing
+from bench import report, runs, threads, timing
 
 MODELS_AND_SOLVERS = (
     ("explicit", "anderson"),
@@ -51,27 +51,22 @@ def parse_args(argv=None):
 
 def trained_runs(args, data):
     """[(run name, summary, trainer, model)] for every run of --runs, trained or reused."""
-    from imex_deq.experiments import TrainConfig, load_trained, train
+    from imex_deq.experiments import load_trained, train
 
-    runs = []
+    trained = []
     for run in args.runs.split(","):
-        model, solver, backward = run.split(":")
-        config = TrainConfig(
-            model=model,
-            solver=solver,
-            backward=backward,
+        config = runs.fashion_run_config(
+            run,
             epochs=args.epochs,
             batch_size=args.batch,
             skip_weight=args.skip_weight,
-            dataset="fashion-mnist",
-            progress=False,
             out_dir=os.path.join(args.out, run.replace(":", "-")),
             resume=True,
         )
         summary = train(config, data)
         report.log(run, f"test accuracy {summary['test_accuracy']:.4f}")
-        runs.append((run, summary, *load_trained(config, data)))
-    return runs
+        trained.append((run, summary, *load_trained(config, data)))
+    return trained
 
 
 def interleaved_medians(calls: dict, rounds: int) -> dict:
@@ -98,19 +93,19 @@ def main(argv=None):
     from imex_deq.data import load_dataset
 
     data = load_dataset("fashion-mnist")
-    runs = trained_runs(args, data)
+    trained = trained_runs(args, data)
     x, y = jnp.asarray(data.x_train[: args.batch]), jnp.asarray(data.y_train[: args.batch])
     x_test = jnp.asarray(data.x_test[: args.batch])
     key = jax.random.PRNGKey(0)
     calls = {}
-    for run, _, trainer, model in runs:
+    for run, _, trainer, model in trained:
         opt_state = trainer.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         calls[(run, "step")] = lambda t=trainer, m=model, o=opt_state: t.step(m, o, x, y, key)
         calls[(run, "predict")] = lambda t=trainer, m=model: t.predict(m, x_test)
     medians = interleaved_medians(calls, args.rounds)
-    explicit = next((run for run, *_ in runs if run.startswith("explicit:")), None)
+    explicit = next((run for run, *_ in trained if run.startswith("explicit:")), None)
     rows = []
-    for run, summary, trainer, model in runs:
+    for run, summary, trainer, model in trained:
         _, nfe, _ = trainer.predict(model, x_test)
         row = {
             "run": run,

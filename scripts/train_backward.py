@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import report, threads
+from bench import report, runs, threads
 
 DEFAULT_RUNS = ",".join(
     [f"vanilla:anderson:{b}" for b in ("gmres", "gmres-early", "anderson", "shine")]
@@ -39,23 +39,14 @@ def main(argv=None):
     args = parse_args(argv)
     threads.configure_threads(args.threads)
     from imex_deq.data import load_dataset
-    from imex_deq.experiments import ADJOINTS, TrainConfig, train
+    from imex_deq.experiments import ADJOINTS, train
 
     data = load_dataset("fashion-mnist")
     rows = []
     for run in args.runs.split(","):
-        model, solver, backward = run.split(":")
-        config = TrainConfig(
-            model=model,
-            solver=solver,
-            backward=backward,
-            epochs=args.epochs,
-            skip_weight=args.skip_weight,
-            dataset="fashion-mnist",
-            progress=False,
-        )
+        config = runs.fashion_run_config(run, epochs=args.epochs, skip_weight=args.skip_weight)
         summary = train(config, data)
-        rows.append((model, solver, ADJOINTS[backward].label, summary))
+        rows.append((config.model, config.solver, ADJOINTS[config.backward].label, summary))
         report.log(run, f"{summary['test_accuracy']:.4f}")
     print(f"\n{threads.machine_line(args.threads)}\n")
     print(

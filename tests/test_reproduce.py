@@ -24,7 +24,7 @@ TINY_BASE = TrainConfig(
 )
 
 
-def _reproduce_tiny(out, base=TINY_BASE):
+def _reproduce_tiny(out, base=TINY_BASE, **options):
     return reproduce(
         "mnist-dense",
         dataset="digits",
@@ -34,6 +34,7 @@ def _reproduce_tiny(out, base=TINY_BASE):
         with_jac=False,
         base=base,
         out_dir=str(out),
+        **options,
     )
 
 
@@ -154,17 +155,7 @@ def test_report_only_trains_nothing_and_says_how_far_the_rest_got(
         raise AssertionError(f"{config.name} was trained")
 
     monkeypatch.setattr(_reproduce, "train", no_training)
-    returned = reproduce(
-        "mnist-dense",
-        dataset="digits",
-        seeds=1,
-        epochs=1,
-        solvers=("anderson",),
-        with_jac=False,
-        base=TINY_BASE,
-        out_dir=str(tmp_path),
-        report_only=True,
-    )
+    returned = _reproduce_tiny(tmp_path, report_only=True)
     assert sorted(returned) == sorted(
         f"{row}@anderson" for row in ROWS if row not in ("skip", "neural-ode")
     )

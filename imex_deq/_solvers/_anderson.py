@@ -7,18 +7,8 @@ from jaxtyping import Array, Float, Int
 
 from .._custom_types import Termination
 from .._solution import scaled_residual
-from ._base import AbstractFixedPointSolver, Progress, _solution
-from ._buffered_loop import buffered_solve
+from ._base import AbstractFixedPointSolver, Progress
 from ._small_linalg import solve_spd
-
-
-class _NoAux(eqx.Module):
-    """`fn(z, args) -> (f(z), None)`, as optimistix calls f without auxiliary output."""
-
-    fn: object
-
-    def __call__(self, z, args):
-        return self.fn(z, args), None
 
 
 class _AndersonState(eqx.Module):
@@ -67,6 +57,7 @@ class Anderson(AbstractFixedPointSolver):
     restart_ratio: float = 10.0
 
     returns_best = True
+    history_fields = ("images", "residuals")
 
     def __check_init__(self):
         if self.history < 1:
@@ -79,19 +70,6 @@ class Anderson(AbstractFixedPointSolver):
             raise ValueError(
                 f"Anderson: restart_ratio must be at least 1, got {self.restart_ratio}."
             )
-
-    def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
-        if differentiable:
-            return super()._solve_keeping_state(fn, z0, args, max_steps, differentiable)
-        sol = buffered_solve(
-            self,
-            _NoAux(fn),
-            z0,
-            args,
-            max_steps=max_steps,
-            buffers=lambda state: (state.images, state.residuals),
-        )
-        return _solution(sol, sol.value), sol.state
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         flat, _ = jax.flatten_util.ravel_pytree(y)
@@ -126,8 +104,7 @@ class Anderson(AbstractFixedPointSolver):
         best_fz, _ = jax.flatten_util.ravel_pytree(progress.value)
         slot = jnp.where(restart, 0, state.count % self.history)
         count = jnp.where(restart, 1, state.count + 1)
-        # `buffer[...]` reads and `.at[slot].set` writes: the history may be an in-place
-        # buffer of `buffered_solve`.
+        # `buffer[...]` reads and `.at[slot].set` writes: see `history_fields`.
         new_residual = jnp.where(restart, best_g, g)
         images = state.images.at[slot].set(jnp.where(restart, best_fz, fz))
         residuals = state.residuals.at[slot].set(new_residual)

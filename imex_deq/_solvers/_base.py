@@ -30,6 +30,7 @@ from .._solution import (
     scaled_residual,
     tree_norm,
 )
+from ._buffered_loop import buffered_solve
 
 DIVERGENCE_RATIO = 1e6
 """A solve is reported diverged once its residual exceeds this multiple of the first one."""
@@ -134,6 +135,25 @@ class _WithValue(eqx.Module):
         return fz, fz
 
 
+class _NoAux(eqx.Module):
+    """`fn(z, args) -> (f(z), None)`, as optimistix calls f without auxiliary output."""
+
+    fn: Callable
+
+    def __call__(self, z, args):
+        return self.fn(z, args), None
+
+
+class _RootFn(eqx.Module):
+    """`(f(z) − z, f(z))` from f: the root problem optimistix makes of a fixed point."""
+
+    fn: Callable
+
+    def __call__(self, z, args):
+        fz = jax.tree_util.tree_map(jnp.asarray, self.fn(z, args))
+        return jax.tree_util.tree_map(jnp.subtract, fz, z), fz
+
+
 _OWN_STATS = ("num_steps", "max_steps", "nfe", "residual")
 
 
@@ -144,6 +164,22 @@ class _AbstractDiscreteSolver(AbstractSolver):
     returns_best: ClassVar[bool] = False
     """Whether the solve returns the lowest-residual iterate rather than the last one
     (they differ only when the solve stops without converging)."""
+
+    history_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields of the solver's state that hold a per-step history, read with `x[...]` and
+    written one row per step with `x.at[i].set(row)`. When there are any, the
+    non-differentiable solve runs `buffered_solve` with them as in-place buffers (under
+    vmap a step then writes one row instead of selecting every sample's whole history)."""
+
+    def _buffered(self, fn, z0, args, max_steps) -> optx.Solution:
+        return buffered_solve(
+            self,
+            fn,
+            z0,
+            args,
+            max_steps=max_steps,
+            buffers=lambda state: tuple(getattr(state, name) for name in self.history_fields),
+        )
 
     @property
     def norm(self) -> Callable[[PyTree], Array]:
@@ -235,7 +271,10 @@ class AbstractFixedPointSolver(_AbstractDiscreteSolver, optx.AbstractFixedPointS
     """
 
     def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
-        sol = self._optimistix_solve(fn, z0, args, False, max_steps, differentiable)
+        if self.history_fields and not differentiable:
+            sol = self._buffered(_NoAux(fn), z0, args, max_steps)
+        else:
+            sol = self._optimistix_solve(fn, z0, args, False, max_steps, differentiable)
         return _solution(sol, sol.value), sol.state
 
 
@@ -252,5 +291,8 @@ class AbstractRootFinder(_AbstractDiscreteSolver, optx.AbstractRootFinder):
     def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
         # optx.fixed_point runs a root finder on f(z) − z; with f(z) as auxiliary output the
         # solve also hands back f at the iterate it returns.
-        sol = self._optimistix_solve(_WithValue(fn), z0, args, True, max_steps, differentiable)
+        if self.history_fields and not differentiable:
+            sol = self._buffered(_RootFn(fn), z0, args, max_steps)
+        else:
+            sol = self._optimistix_solve(_WithValue(fn), z0, args, True, max_steps, differentiable)
         return _solution(sol, sol.aux), sol.state

@@ -9,8 +9,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import Termination
-from ._base import AbstractRootFinder, Progress, _solution
-from ._buffered_loop import buffered_solve
+from ._base import AbstractRootFinder, Progress
 
 _CHUNK = 10
 """Rows of the rank-one buffers multiplied together; a block of rows none of which has been
@@ -63,16 +62,6 @@ def _both_products(us, vs, x, y, filled):
     return bx, yb
 
 
-class _RootFn(eqx.Module):
-    """`(f(z) − z, f(z))` from f."""
-
-    fn: object
-
-    def __call__(self, z, args):
-        fz = jax.tree_util.tree_map(jnp.asarray, self.fn(z, args))
-        return jax.tree_util.tree_map(jnp.subtract, fz, z), fz
-
-
 class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
     """Broyden's method with a rank-`memory` inverse-Jacobian approximation stored as a ring
     buffer of `memory` rank-one terms: memory is bounded, whatever `max_steps` is. The first
@@ -97,23 +86,11 @@ class Broyden(AbstractRootFinder, optx.AbstractFixedPointSolver):
     memory: int = eqx.field(default=10, static=True)
 
     returns_best = True
+    history_fields = ("us", "vs")
 
     def __check_init__(self):
         if self.memory < 1:
             raise ValueError(f"Broyden: memory must be at least 1, got {self.memory}.")
-
-    def _solve_keeping_state(self, fn, z0, args, max_steps, differentiable):
-        if differentiable:
-            return super()._solve_keeping_state(fn, z0, args, max_steps, differentiable)
-        sol = buffered_solve(
-            self,
-            _RootFn(fn),
-            z0,
-            args,
-            max_steps=max_steps,
-            buffers=lambda state: (state.us, state.vs),
-        )
-        return _solution(sol, sol.aux), sol.state
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         flat, _ = jax.flatten_util.ravel_pytree(y)

@@ -45,18 +45,27 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, meta: dict) -> None:
     write_atomically(path, buffer.getvalue())
 
 
-def read_checkpoint_meta(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a checkpoint written by `save_checkpoint` (e.g. its
-    `global_step`), without reading its arrays."""
+def _meta_length(path: Path, head: bytes) -> int:
+    """The length of the JSON metadata, from the first bytes of the checkpoint at `path`;
+    a file too short for the header is a `CheckpointError`."""
+    if len(head) < _HEADER.size:
+        raise CheckpointError(f"checkpoint {path} is truncated ({len(head)} bytes)")
+    return _HEADER.unpack_from(head)[0]
+
+
+def _existing(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    return path
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint written by `save_checkpoint` (e.g. its
+    `global_step`), without reading its arrays."""
+    path = _existing(path)
     with open(path, "rb") as handle:
-        head = handle.read(_HEADER.size)
-        if len(head) < _HEADER.size:
-            raise CheckpointError(f"checkpoint {path} is truncated ({len(head)} bytes)")
-        (length,) = _HEADER.unpack(head)
-        encoded = handle.read(length)
+        encoded = handle.read(_meta_length(path, handle.read(_HEADER.size)))
     try:
         return json.loads(encoded)
     except ValueError as error:
@@ -66,13 +75,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
 def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
     """Read a checkpoint written by `save_checkpoint` into the structure of `template`
     (build it with `eqx.filter_eval_shape`). Returns `(tree, meta)`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+    path = _existing(path)
     data = path.read_bytes()
-    if len(data) < _HEADER.size:
-        raise CheckpointError(f"checkpoint {path} is truncated ({len(data)} bytes)")
-    (length,) = _HEADER.unpack_from(data)
+    length = _meta_length(path, data)
     try:
         meta = json.loads(data[_HEADER.size : _HEADER.size + length])
         tree = eqx.tree_deserialise_leaves(io.BytesIO(data[_HEADER.size + length :]), template)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import load_dataset, num_batches
+from ..data import load_dataset
 from ._checkpoint import read_checkpoint_meta, write_atomically
 from ._config import TrainConfig
 from ._registry import BASELINES, DEQ_VARIANTS, VARIANTS
-from ._training import CHECKPOINT, SUMMARY, train
+from ._training import CHECKPOINT, SUMMARY, total_steps, train
 
 EXPERIMENTS = {
     "mnist-dense": "dense",
@@ -262,12 +262,11 @@ _PRESENTATION_ONLY = ("progress", "resume", "out_dir")
 
 def progress_of(config: TrainConfig, train_size: int) -> str:
     """How far an unfinished run of `config` got: its last checkpoint's step of all."""
-    total = num_batches(train_size, config.batch_size) * config.epochs
     path = Path(config.out_dir) / CHECKPOINT
     if not path.is_file():
         return "not started"
     step = read_checkpoint_meta(path)["global_step"]
-    return f"checkpoint at step {step:,} of {total:,}"
+    return f"checkpoint at step {step:,} of {total_steps(config, train_size):,}"
 
 
 def finished_run(config: TrainConfig) -> dict | None:
@@ -343,16 +342,15 @@ def reproduce(
             )
             config = dataclasses.replace(config, out_dir=str(folder / "runs" / config.name))
             summary = finished_run(config)
-            if summary is None and report_only:
+            left_out = summary is None and report_only
+            if left_out:
                 unfinished.append(f"{config.name}: {progress_of(config, len(data.x_train))}")
                 status = "not finished, left out of the report"
             else:
                 status = "finished earlier, reused" if summary else "training"
             print(f"[{index + 1}/{len(plan)}] {config.name}: {status}", file=sys.stderr, flush=True)
-            if summary is None and report_only:
-                continue
-            summary = summary or train(config, data)
-            results.setdefault(variant, []).append(summary)
+            if not left_out:
+                results.setdefault(variant, []).append(summary or train(config, data))
     report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
     if unfinished:
         report.append("Not finished, left out: " + "; ".join(unfinished) + ".\n")

@@ -190,10 +190,14 @@ class Trainer(eqx.Module):
         return jnp.argmax(logits, -1), info.nfe, info.result == RESULTS.successful
 
 
+def total_steps(config: TrainConfig, train_size: int) -> int:
+    """Training steps of a whole run of `config` on `train_size` images."""
+    return num_batches(train_size, config.batch_size) * config.epochs
+
+
 def make_trainer(config: TrainConfig, data: Dataset) -> Trainer:
     """The `Trainer` of `config` on `data` (its learning-rate schedule spans all steps)."""
-    total_steps = num_batches(len(data.x_train), config.batch_size) * config.epochs
-    return Trainer(config, make_optimizer(config, total_steps))
+    return Trainer(config, make_optimizer(config, total_steps(config, len(data.x_train))))
 
 
 def load_trained(config: TrainConfig, data: Dataset) -> tuple[Trainer, Classifier]:
@@ -359,7 +363,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
     if writer is not None:
         writer.mkdir(parents=True, exist_ok=True)
     per_epoch = num_batches(len(data.x_train), config.batch_size)
-    total_steps = per_epoch * config.epochs
+    run_steps = total_steps(config, len(data.x_train))
     trainer = make_trainer(config, data)
     if config.resume and (out / CHECKPOINT).exists():
         model, opt_state, meta = _resume(config, data, trainer, out)
@@ -382,8 +386,8 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
     global_step = meta["global_step"]
     compiled: set[bool] = set()
     recent: list[float] = []
-    bar = tqdm(total=total_steps, initial=global_step, disable=not config.progress, leave=False)
-    while global_step < total_steps:
+    bar = tqdm(total=run_steps, initial=global_step, disable=not config.progress, leave=False)
+    while global_step < run_steps:
         epoch, start = divmod(global_step, per_epoch)
         batches = iterate_batches(
             data.x_train,
