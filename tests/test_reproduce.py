@@ -166,6 +166,13 @@ def test_report_only_trains_nothing_and_says_how_far_the_rest_got(
     )
     assert "| skip |" not in text and "| neural-ode |" not in text
     assert "| skip-reg |" in text
+    progress = text.split("## Progress of every run")[1]
+    assert "| neural-ode-s0 | not started |" in progress
+    skip_row = next(line for line in progress.splitlines() if line.startswith("| skip-anderson"))
+    assert skip_row.startswith("| skip-anderson-s0 | 4 of 4 |")  # not finished: no summary
+    vanilla = json.loads((copy / "runs" / "vanilla-anderson-s0" / "summary.json").read_text())
+    accuracy = f"{100 * vanilla['history'][-1]['test_accuracy']:.2f}"
+    assert f"| vanilla-anderson-s0 | 4 of 4 (finished) | {accuracy} |" in progress
 
 
 def test_plot_written(reproduced):

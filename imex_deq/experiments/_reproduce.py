@@ -269,6 +269,48 @@ def progress_of(config: TrainConfig, train_size: int) -> str:
     return f"checkpoint at step {step:,} of {total_steps(config, train_size):,}"
 
 
+def run_progress(config: TrainConfig, train_size: int) -> dict | None:
+    """What a run of `config` has done so far: steps done of all, and the evaluation
+    records (test accuracy, NFE, converged share) up to its summary or last checkpoint;
+    None if it never started."""
+    summary = finished_run(config)
+    path = Path(config.out_dir) / CHECKPOINT
+    if summary is None and not path.is_file():
+        return None
+    meta = summary or read_checkpoint_meta(path)
+    steps = summary["steps"] if summary else meta["global_step"]
+    return {
+        "steps": steps,
+        "of": total_steps(config, train_size),
+        "finished": summary is not None,
+        "history": meta["history"],
+    }
+
+
+def progress_table(runs: dict[str, dict | None]) -> str:
+    """Markdown table of how far each run got: steps, test accuracy at each evaluation,
+    test NFE from the first evaluation to the last, and the last converged share."""
+    lines = [
+        "| run | steps done | test accuracy % at each evaluation | test NFE | converged % |",
+        "|---|---|---|---|---|",
+    ]
+    for name, progress in runs.items():
+        if progress is None:
+            lines.append(f"| {name} | not started | | | |")
+            continue
+        history = progress["history"]
+        done = f"{progress['steps']:,} of {progress['of']:,}"
+        if progress["finished"]:
+            done += " (finished)"
+        accuracy = ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in history)
+        ends = history[:1] + history[1:][-1:]
+        nfe = " → ".join(f"{r['test_nfe']:.2f}" for r in ends)
+        converged = history[-1].get("test_converged") if history else None
+        converged = "—" if converged is None else f"{100 * converged:.1f}"
+        lines.append(f"| {name} | {done} | {accuracy} | {nfe} | {converged} |")
+    return "\n".join(lines)
+
+
 def finished_run(config: TrainConfig) -> dict | None:
     """The summary a finished run of exactly `config` left in `config.out_dir`, or None.
 
@@ -327,6 +369,7 @@ def reproduce(
     data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
     results: dict[Variant, list[dict]] = {}
     unfinished: list[str] = []
+    progress: dict[str, dict | None] = {}
     plan = variants(solvers, with_jac, models)
     for index, variant in enumerate(plan):
         for seed in range(seeds):
@@ -351,6 +394,7 @@ def reproduce(
             print(f"[{index + 1}/{len(plan)}] {config.name}: {status}", file=sys.stderr, flush=True)
             if not left_out:
                 results.setdefault(variant, []).append(summary or train(config, data))
+            progress[config.name] = run_progress(config, len(data.x_train))
     report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
     if unfinished:
         report.append("Not finished, left out: " + "; ".join(unfinished) + ".\n")
@@ -362,6 +406,7 @@ def reproduce(
         solver_rows = {v: r for v, r in results.items() if v.solver == solver}
         if solver_rows:
             plot(solver_rows, folder / f"{experiment}-{solver}.png", f"{experiment}, {solver}")
+    report.append(f"## Progress of every run\n\n{progress_table(progress)}\n")
     text = "\n".join(report)
     write_atomically(folder / "table.md", text.encode())
     serialisable = {f"{v.label}@{v.solver}": runs for v, runs in results.items()}
