@@ -237,6 +237,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     records = _log(killed)
     steps = [r["step"] for r in records if "type" not in r]
     assert steps == list(range(1, PER_EPOCH * EPOCHS + 1))
+    # The resumed session compiled once more: its compile time is reported, not the sum.
+    first_after_resume = next(r for r in records if r.get("step") == 7 and "type" not in r)
+    assert resumed["compile_time_s"] == pytest.approx(first_after_resume["time_s"], rel=1e-6)
     assert [r["step"] for r in records if r.get("type") == "eval"] == [5, 10]
     # Per-step metrics after the resume are those of the uninterrupted run.
     reference_steps = [r for r in _log(tmp_path / "straight") if "type" not in r]

@@ -411,7 +411,10 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
             )
             if pretraining not in compiled:
                 compiled.add(pretraining)
-                meta["compile_time_s"] += seconds
+                # A resumed session compiles again: its time replaces, not adds to, the last.
+                compile_s = meta.setdefault("compile_s", {})
+                compile_s["pretraining" if pretraining else "training"] = seconds
+                meta["compile_time_s"] = sum(compile_s.values())
             else:
                 meta["train_time_s"] += seconds
                 recent.append(seconds)
