@@ -249,6 +249,16 @@ def test_headline_ratios():
     ]
 
 
+def test_headline_ratios_name_compiles_read_from_the_cache():
+    results = _results(0.04)
+    results[Variant("skip", False, "continuous")][0]["compile_cached"] = True
+    lines = headline_ratios(results, "continuous")
+    assert lines[-1] == (
+        "compile (s) of skip: read from the persistent compilation cache (cold: longer)"
+    )
+    assert len(lines) == 8
+
+
 def test_headline_ratios_with_unmeasurable_backward_time():
     # backward_s is clamped at 0 when step - forward - update is below timer noise.
     lines = headline_ratios(_results(0.0), "continuous")

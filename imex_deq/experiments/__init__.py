@@ -3,6 +3,8 @@
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._compile_cache import default_compile_cache_dir as default_compile_cache_dir
+from ._compile_cache import enable_compile_cache as enable_compile_cache
 from ._config import TrainConfig as TrainConfig
 from ._models import Classifier as Classifier
 from ._models import DenseDEQCell as DenseDEQCell

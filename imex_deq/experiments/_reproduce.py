@@ -224,7 +224,20 @@ def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str
         lines
         + _speedups_to_vanilla_accuracy(results, solver)
         + _prediction_vs_explicit(results, solver)
+        + _cached_compiles(results, solver)
     )
+
+
+def _cached_compiles(results: dict[Variant, list[dict]], solver: str) -> list[str]:
+    cached = [
+        v.label
+        for v, runs in results.items()
+        if v.solver == solver and any(run.get("compile_cached") for run in runs)
+    ]
+    if not cached:
+        return []
+    names = ", ".join(cached)
+    return [f"compile (s) of {names}: read from the persistent compilation cache (cold: longer)"]
 
 
 def plot(results: dict[Variant, list[dict]], path: Path, title: str) -> None:

@@ -22,6 +22,7 @@ from .._regularisers import skip_loss
 from .._solution import RESULTS
 from ..data import Dataset, iterate_batches, load_dataset, num_batches
 from ._checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from ._compile_cache import cache_hits
 from ._config import TrainConfig
 from ._models import Classifier, build_conv_model, build_dense_model
 from ._parallel import (
@@ -400,6 +401,7 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
         )
         for xb, yb in batches:
             pretraining = global_step < config.pretrain_steps
+            hits_before = cache_hits()
             (model, opt_state, metrics), seconds = time_call(
                 trainer.step,
                 model,
@@ -412,9 +414,10 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
             if pretraining not in compiled:
                 compiled.add(pretraining)
                 # A resumed session compiles again: its time replaces, not adds to, the last.
-                compile_s = meta.setdefault("compile_s", {})
-                compile_s["pretraining" if pretraining else "training"] = seconds
-                meta["compile_time_s"] = sum(compile_s.values())
+                program = "pretraining" if pretraining else "training"
+                meta.setdefault("compile_s", {})[program] = seconds
+                meta.setdefault("compile_cached", {})[program] = cache_hits() > hits_before
+                meta["compile_time_s"] = sum(meta["compile_s"].values())
             else:
                 meta["train_time_s"] += seconds
                 recent.append(seconds)
@@ -478,6 +481,7 @@ def _summarise(config, trainer, model, opt_state, data, meta, put=jnp.asarray) -
         **final,
         "train_time_s": meta["train_time_s"],
         "compile_time_s": meta["compile_time_s"],
+        "compile_cached": any(meta.get("compile_cached", {}).values()),
         "steps": meta["global_step"],
         "backward_nfe": history[-1]["backward_nfe"] if history else float("nan"),
         "parameters": nn.count_parameters(model),

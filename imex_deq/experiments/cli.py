@@ -7,6 +7,11 @@ import sys
 
 from ..data import DataError
 from ._checkpoint import CheckpointError
+from ._compile_cache import (
+    default_compile_cache_dir,
+    enable_compile_cache,
+    enable_default_compile_cache,
+)
 from ._config import ARCHITECTURES, LR_SCHEDULES, PRECISIONS, TrainConfig
 from ._hugepages import restart_with_huge_pages
 from ._registry import ADJOINTS, ODE_SOLVERS, SOLVERS, VARIANTS
@@ -71,6 +76,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="join a multi-host run first (jax.distributed.initialize; set "
         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); implies --data-parallel",
     )
+    add(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="keep compiled programs in DIR across runs (the command's default: "
+        f"{default_compile_cache_dir()})",
+    )
+    add("--no-compile-cache", action="store_true", help="compile afresh and keep nothing")
     add(
         "--precision",
         choices=PRECISIONS,
@@ -196,14 +209,29 @@ def _run(args: argparse.Namespace) -> None:
     )
 
 
+def _set_up_compile_cache(args: argparse.Namespace, as_command: bool) -> None:
+    """`--compile-cache DIR` turns the persistent cache on; run as the command it is on by
+    default, in its default folder; `--no-compile-cache` keeps it off."""
+    if args.no_compile_cache:
+        if args.compile_cache is not None:
+            raise ValueError("--compile-cache and --no-compile-cache contradict each other.")
+        return
+    if args.compile_cache is not None:
+        enable_compile_cache(args.compile_cache)
+    elif as_command:
+        enable_default_compile_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `imex-deq`; returns the exit status. Run as the command (no `argv`),
     it first restarts itself once with transparent huge pages for XLA's buffers where
-    that helps (`_hugepages`; `IMEX_DEQ_HUGEPAGES=0` opts out)."""
+    that helps (`_hugepages`; `IMEX_DEQ_HUGEPAGES=0` opts out), and keeps compiled
+    programs in the persistent cache unless told `--no-compile-cache`."""
     if argv is None:
         restart_with_huge_pages(["-m", "imex_deq.experiments.cli", *sys.argv[1:]])
     args = parser().parse_args(argv)
     try:
+        _set_up_compile_cache(args, as_command=argv is None)
         _run(args)
     except (ValueError, DataError, CheckpointError) as error:
         print(f"imex-deq: error: {error}", file=sys.stderr)
