@@ -9,8 +9,12 @@ prediction on one batch of --batch are timed in interleaved rounds (each model o
 round, --rounds rounds, medians), so that load changes hit every row alike. Ratios are
 to the explicit network (f applied once to 0).
 
+With --trained DIR,DIR,... the finished runs saved in those folders (any architecture,
+e.g. the conv reproduction's run folders) are timed instead; nothing is trained.
+
 Usage: python scripts/bench_skip_cost.py [--threads 1] [--epochs 2] [--rounds 200]
     [--runs explicit:anderson:gmres-early,skip-reg:anderson:gmres-early,...]
+    [--trained RUN_DIR,RUN_DIR,...]
 Prints a markdown table to stdout, progress to stderr; writes results/bench_skip_cost.json.
 """
 
@@ -46,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-weight", type=float, default=1.0)
     p.add_argument("--runs", default=DEFAULT_RUNS, help="model:solver:backward,...")
     p.add_argument("--out", default="results/bench_skip_cost", help="where the runs are saved")
+    p.add_argument("--trained", default=None, help="finished run folders to time instead")
     return p.parse_args(argv)
 
 
@@ -67,6 +72,26 @@ def trained_runs(args, data):
         report.log(run, f"test accuracy {summary['test_accuracy']:.4f}")
         trained.append((run, summary, *load_trained(config, data)))
     return trained
+
+
+def saved_runs(folders: str, data):
+    """[(run name, summary, trainer, model)] for the finished runs in `folders`."""
+    import json
+
+    from imex_deq.experiments import TrainConfig, load_trained
+
+    loaded = []
+    for folder in folders.split(","):
+        summary_path = os.path.join(folder, "summary.json")
+        if not os.path.isfile(summary_path):
+            raise SystemExit(f"--trained: {folder} holds no finished run (no summary.json)")
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+        config = TrainConfig(**{**summary["config"], "out_dir": folder, "progress": False})
+        loaded.append(
+            (os.path.basename(os.path.normpath(folder)), summary, *load_trained(config, data))
+        )
+    return loaded
 
 
 def interleaved_medians(calls: dict, rounds: int) -> dict:
@@ -93,7 +118,7 @@ def main(argv=None):
     from imex_deq.data import load_dataset
 
     data = load_dataset("fashion-mnist")
-    trained = trained_runs(args, data)
+    trained = saved_runs(args.trained, data) if args.trained else trained_runs(args, data)
     x, y = jnp.asarray(data.x_train[: args.batch]), jnp.asarray(data.y_train[: args.batch])
     x_test = jnp.asarray(data.x_test[: args.batch])
     key = jax.random.PRNGKey(0)
@@ -103,7 +128,7 @@ def main(argv=None):
         calls[(run, "step")] = lambda t=trainer, m=model, o=opt_state: t.step(m, o, x, y, key)
         calls[(run, "predict")] = lambda t=trainer, m=model: t.predict(m, x_test)
     medians = interleaved_medians(calls, args.rounds)
-    explicit = next((run for run, *_ in trained if run.startswith("explicit:")), None)
+    explicit = next((run for run, *_ in trained if run.startswith("explicit")), None)
     rows = []
     for run, summary, trainer, model in trained:
         _, nfe, _ = trainer.predict(model, x_test)
@@ -120,12 +145,14 @@ def main(argv=None):
             row["predict_ratio"] = row["predict_ms"] / medians[(explicit, "predict")]
         rows.append(row)
     print(f"\n{threads.machine_line(args.threads)}\n")
-    print(
-        f"MNIST-dense on Fashion-MNIST, {args.epochs} epochs, λ_skip {args.skip_weight:g}, "
-        f"batch {args.batch}; medians of {args.rounds} interleaved rounds.\n"
+    trained_as = (
+        f"runs from {os.path.dirname(os.path.normpath(args.trained.split(',')[0]))}"
+        if args.trained
+        else f"MNIST-dense on Fashion-MNIST, {args.epochs} epochs, λ_skip {args.skip_weight:g}"
     )
+    print(f"{trained_as}, batch {args.batch}; medians of {args.rounds} interleaved rounds.\n")
     print(
-        "| model:solver:backward | test acc. % | test NFE | batch max NFE | step (ms) | "
+        "| run | test acc. % | test NFE | batch max NFE | step (ms) | "
         "step / explicit | predict (ms) | predict / explicit |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
