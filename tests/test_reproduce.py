@@ -57,6 +57,14 @@ def test_table_has_every_variant_and_the_paper(reproduced):
     assert "![anderson](mnist-dense-anderson.png)" in text
 
 
+def test_only_the_deqs_report_converged_solves(reproduced):
+    folder, _ = reproduced
+    for row in ROWS:
+        name = f"{row}-s0" if row in ("neural-ode", "explicit") else f"{row}-anderson-s0"
+        summary = json.loads((folder / "runs" / name / "summary.json").read_text())
+        assert ("test_converged" in summary) == (row not in ("neural-ode", "explicit")), row
+
+
 def test_headline_ratio_lines(reproduced, capsys):
     folder, _ = reproduced
     text = (folder / "table.md").read_text()
