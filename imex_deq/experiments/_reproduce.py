@@ -273,13 +273,11 @@ _PRESENTATION_ONLY = ("progress", "resume", "out_dir")
 """Options that do not change what a run computes (a results folder may be moved)."""
 
 
-def progress_of(config: TrainConfig, train_size: int) -> str:
-    """How far an unfinished run of `config` got: its last checkpoint's step of all."""
-    path = Path(config.out_dir) / CHECKPOINT
-    if not path.is_file():
+def _how_far(progress: dict | None) -> str:
+    """How far an unfinished run got, from its `run_progress`."""
+    if progress is None:
         return "not started"
-    step = read_checkpoint_meta(path)["global_step"]
-    return f"checkpoint at step {step:,} of {total_steps(config, train_size):,}"
+    return f"checkpoint at step {progress['steps']:,} of {progress['of']:,}"
 
 
 def run_progress(config: TrainConfig, train_size: int) -> dict | None:
@@ -400,7 +398,8 @@ def reproduce(
             summary = finished_run(config)
             left_out = summary is None and report_only
             if left_out:
-                unfinished.append(f"{config.name}: {progress_of(config, len(data.x_train))}")
+                how_far = _how_far(run_progress(config, len(data.x_train)))
+                unfinished.append(f"{config.name}: {how_far}")
                 status = "not finished, left out of the report"
             else:
                 status = "finished earlier, reused" if summary else "training"
