@@ -180,7 +180,9 @@ def test_tiny_cell_iteration_stays_finite():
     assert max(float(jnp.max(jnp.abs(a))) for a in z) < 1e3
 
 
-@pytest.mark.parametrize("stride,kernel,bias", [(1, 3, False), (2, 3, True), (1, 1, False)])
+@pytest.mark.parametrize(
+    "stride,kernel,bias", [(1, 3, False), (2, 3, True), (1, 1, False), (1, 1, True)]
+)
 def test_channels_last_conv_matches_equinox(stride, kernel, bias):
     options = dict(stride=stride, padding=kernel // 2, use_bias=bias, key=jax.random.PRNGKey(1))
     reference = eqx.nn.Conv2d(5, 7, kernel, **options)
@@ -193,16 +195,24 @@ def test_channels_last_conv_matches_equinox(stride, kernel, bias):
 
 
 @pytest.mark.parametrize(
-    "stride,dilation,padding,groups",
-    [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, ((0, 2), (2, 1)), 1), ((2, 1), (1, 2), 2, 1), (1, 1, 1, 2)],
+    "kernel,stride,dilation,padding,groups",
+    [
+        (3, 1, 1, 1, 1),
+        (3, 2, 1, 1, 1),
+        (3, 1, 2, ((0, 2), (2, 1)), 1),
+        (3, (2, 1), (1, 2), 2, 1),
+        (3, 1, 1, 1, 2),
+        (1, 1, 1, 0, 1),  # pointwise: computed as a matrix product
+        (1, 2, 1, 0, 1),  # strided 1x1: a convolution again
+    ],
 )
-def test_channels_last_conv_derivatives_match_equinox(stride, dilation, padding, groups):
-    """Its custom tangent rule (for a fast transpose) gives the same reverse- and
-    forward-mode derivatives as equinox's channels-first convolution, for every parameter
-    and the input."""
+def test_channels_last_conv_derivatives_match_equinox(kernel, stride, dilation, padding, groups):
+    """Its custom tangent rule (for a fast transpose) and its pointwise matrix-product path
+    give the same reverse- and forward-mode derivatives as equinox's channels-first
+    convolution, for every parameter and the input."""
     options = dict(stride=stride, dilation=dilation, padding=padding, groups=groups)
-    reference = eqx.nn.Conv2d(4, 6, 3, **options, key=jax.random.PRNGKey(1))
-    ours = nn.Conv2d(4, 6, 3, **options, key=jax.random.PRNGKey(1))
+    reference = eqx.nn.Conv2d(4, 6, kernel, **options, key=jax.random.PRNGKey(1))
+    ours = nn.Conv2d(4, 6, kernel, **options, key=jax.random.PRNGKey(1))
     x = jax.random.normal(jax.random.PRNGKey(2), (4, 11, 10))
     direction = jax.random.normal(jax.random.PRNGKey(3), x.shape)
 
