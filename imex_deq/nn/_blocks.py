@@ -128,13 +128,12 @@ class Conv2d(eqx.Module):
                 f"Conv2d expects {in_channels} input channels (channels last), "
                 f"got an input of shape {x.shape}."
             )
+        kernel = jnp.transpose(self.weight, (2, 3, 1, 0))
         if self._is_pointwise():
             # A 1x1 convolution is a matrix product over channels. As a dot, its gradients
-            # need no layout transposes: the training step's VJP ran 2-2.5x faster.
-            y = jnp.einsum("hwc,oc->hwo", x, self.weight[:, :, 0, 0])
-            return y if self.bias is None else y + self.bias.reshape(1, 1, -1)
-        kernel = jnp.transpose(self.weight, (2, 3, 1, 0))
-        if self.groups == 1:
+            # need no layout transposes: its VJP ran 2-2.5x faster than the convolution's.
+            y = jnp.einsum("hwc,co->hwo", x, kernel[0, 0])
+        elif self.groups == 1:
             y = _ungrouped_conv(x[None], kernel, self.stride, self.padding, self.dilation)[0]
         else:
             y = _conv_nhwc(x[None], kernel, self.stride, self.padding, self.dilation, self.groups)[
