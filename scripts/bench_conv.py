@@ -1,7 +1,9 @@
 """The convolutional path, measured side by side in one run, one thread each side.
 
 Rows (batch 128 unless --batch says otherwise; medians of --steps timed calls after a
-compile-and-warm-up call, whose time is the compile column):
+warm-up call). The compile column is the ahead-of-time trace + lower + XLA compile of the
+jitted step, without executing it; XLA compiles on every core the process may use (run
+under `taskset -c N` for a one-core figure), while the steps run on --threads threads:
 
 1. The explicit MNIST-conv network (stem, f(0, x) once, head) against a plain Equinox CNN
    of about the same parameter count (3x3 convs 1->16, 16->32 stride 2, 32->32 stride 2,
@@ -60,7 +62,7 @@ from imex_deq.experiments import build_conv_model
 
 
 def timed(fn, *args, steps: int) -> tuple[float, float]:
-    """(compile-and-first-call seconds, median seconds of `steps` later calls)."""
+    """(first-call seconds, median seconds of `steps` later calls)."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
@@ -133,8 +135,11 @@ def time_training_step(model, forward, x, y, steps):
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_step(forward, optimizer)
-    compile_s, step_s = timed(step, model, opt_state, x, y, steps=steps)
-    _, _, (nfe_mean, nfe_max), backward_nfe = step(model, opt_state, x, y)
+    start = time.perf_counter()
+    compiled = step.lower(model, opt_state, x, y).compile()
+    compile_s = time.perf_counter() - start
+    _, step_s = timed(compiled, model, opt_state, x, y, steps=steps)
+    _, _, (nfe_mean, nfe_max), backward_nfe = compiled(model, opt_state, x, y)
     return {
         "params": nn.count_parameters(model),
         "step_ms": 1e3 * step_s,

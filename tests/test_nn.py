@@ -264,3 +264,68 @@ def test_channels_last_group_norm_matches_equinox():
     )  # fmt: skip
     with pytest.raises(ValueError, match="groups=4"):
         nn.GroupNorm(4, 6)
+
+
+def _textbook_group_norm(norm, x):
+    """Group normalisation of a `(H, W, C)` sample as first written: autodiff's reference."""
+    h, w, c = x.shape
+    grouped = x.reshape(h, w, norm.groups, c // norm.groups)
+    mean = jnp.mean(grouped, axis=(0, 1, 3), keepdims=True)
+    variance = jnp.mean(jnp.square(grouped - mean), axis=(0, 1, 3), keepdims=True)
+    normalised = ((grouped - mean) / jnp.sqrt(variance + norm.eps)).reshape(h, w, c)
+    return normalised * norm.weight.reshape(1, 1, c) + norm.bias.reshape(1, 1, c)
+
+
+def test_group_norm_derivatives_match_autodiff():
+    """The channels-last GroupNorm (per-channel reductions, then per group) has the
+    values and derivatives of the textbook formula: forward and reverse mode, with respect
+    to the input alone, the parameters alone and all together, and second order (the
+    gradient of a Jacobian-vector product's norm, as Jacobian regularisation takes it, and
+    of a vector-Jacobian product's)."""
+    keys = jax.random.split(jax.random.PRNGKey(5), 5)
+    norm = nn.GroupNorm(2, 6)
+    norm = eqx.tree_at(
+        lambda g: (g.weight, g.bias),
+        norm,
+        (jax.random.normal(keys[0], (6,)), jax.random.normal(keys[1], (6,))),
+    )
+    x = jax.random.normal(keys[2], (5, 4, 6)) * 2 + 0.5
+    v = jax.random.normal(keys[3], x.shape)
+    u = jax.random.normal(keys[4], x.shape)
+
+    def close(ours, reference):
+        for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+    def both(check):
+        close(check(lambda n, x: n(x)), check(_textbook_group_norm))
+
+    both(lambda apply: apply(norm, x))
+    both(lambda apply: jax.jvp(lambda n, x: apply(n, x), (norm, x), (norm, v))[1])
+    both(lambda apply: jax.jvp(lambda x: apply(norm, x), (x,), (v,))[1])
+    both(lambda apply: jax.jvp(lambda n: apply(n, x), (norm,), (norm,))[1])
+
+    def loss(apply, n, x):
+        return jnp.sum(jnp.sin(apply(n, x)) * u)
+
+    both(lambda apply: jax.grad(lambda n, x: loss(apply, n, x), argnums=(0, 1))(norm, x))
+    both(lambda apply: jax.grad(lambda x: loss(apply, norm, x))(x))
+    both(lambda apply: jax.grad(lambda n: loss(apply, n, x))(norm))
+
+    def jvp_norm(apply, n, x):
+        return jnp.sum(jnp.square(jax.jvp(lambda x: apply(n, x), (x,), (v,))[1]))
+
+    def vjp_norm(apply, n, x):
+        _, pullback = jax.vjp(lambda x: apply(n, x), x)
+        return jnp.sum(jnp.square(pullback(u)[0]))
+
+    both(lambda apply: jax.grad(lambda n, x: jvp_norm(apply, n, x), argnums=(0, 1))(norm, x))
+    both(lambda apply: jax.grad(lambda n, x: vjp_norm(apply, n, x), argnums=(0, 1))(norm, x))
+
+
+def test_group_norm_rejects_wrong_shape():
+    norm = nn.GroupNorm(2, 6)
+    with pytest.raises(ValueError, match=r"one \(H, W, 6\) sample.*\(6, 5, 4\)"):
+        norm(jnp.ones((6, 5, 4)))
+    with pytest.raises(ValueError, match=r"\(2, 5, 4, 6\)"):
+        norm(jnp.ones((2, 5, 4, 6)))

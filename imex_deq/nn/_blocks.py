@@ -187,6 +187,11 @@ class GroupNorm(eqx.Module):
 
         The normalised array, same shape.
         """
+        if x.ndim != 3 or x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(
+                f"GroupNorm expects one (H, W, {self.weight.shape[0]}) sample (channels "
+                f"last), got shape {x.shape}."
+            )
         # Per-channel means first, then per group: XLA CPU reduces over the leading
         # (spatial) axes fast, and an (H * W, groups, C / groups) reduction ~5x slower.
         mean = self._group_mean(jnp.mean(x, axis=(0, 1)))
