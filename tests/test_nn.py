@@ -181,13 +181,14 @@ def test_tiny_cell_iteration_stays_finite():
 
 
 @pytest.mark.parametrize(
-    "stride,kernel,bias", [(1, 3, False), (2, 3, True), (1, 1, False), (1, 1, True)]
+    "stride,kernel,bias,width",
+    [(1, 3, False, 13), (1, 3, True, 14), (2, 3, True, 13), (1, 1, False, 13), (1, 1, True, 13)],
 )
-def test_channels_last_conv_matches_equinox(stride, kernel, bias):
+def test_channels_last_conv_matches_equinox(stride, kernel, bias, width):
     options = dict(stride=stride, padding=kernel // 2, use_bias=bias, key=jax.random.PRNGKey(1))
     reference = eqx.nn.Conv2d(5, 7, kernel, **options)
     ours = nn.Conv2d(5, 7, kernel, **options)
-    x = jax.random.normal(jax.random.PRNGKey(2), (5, 15, 13))
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, 15, width))
     channels_last = jnp.transpose(x, (1, 2, 0))
     np.testing.assert_allclose(
         ours(channels_last), jnp.transpose(reference(x), (1, 2, 0)), rtol=1e-5, atol=1e-5
@@ -204,6 +205,7 @@ def test_channels_last_conv_matches_equinox(stride, kernel, bias):
         (3, 1, 1, 1, 2),
         (1, 1, 1, 0, 1),  # pointwise: computed as a matrix product
         (1, 2, 1, 0, 1),  # strided 1x1: a convolution again
+        (3, 1, 1, ((0, 2), (1, 1)), 1),  # on pixel pairs, asymmetric height padding
     ],
 )
 def test_channels_last_conv_derivatives_match_equinox(kernel, stride, dilation, padding, groups):
@@ -241,6 +243,31 @@ def test_channels_last_conv_derivatives_match_equinox(kernel, stride, dilation, 
         jax.jvp(reference, (x,), (direction,))[1],
         rtol=1e-4, atol=1e-5,
     )  # fmt: skip
+
+    def jvp_norm(conv, x):  # second order, as Jacobian regularisation differentiates it
+        return jnp.sum(jnp.square(jax.jvp(lambda x: loss(conv, x), (x,), (direction,))[1]))
+
+    for ours_grad, reference_grad in zip(
+        jax.tree_util.tree_leaves(eqx.filter_grad(jvp_norm)(ours, x)),
+        jax.tree_util.tree_leaves(eqx.filter_grad(jvp_norm)(reference, x)),
+    ):
+        np.testing.assert_allclose(
+            np.ravel(ours_grad), np.ravel(reference_grad), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_narrow_convolutions_run_on_pixel_pairs():
+    """The cases the derivative test above checks on pixel pairs are the ones Conv2d
+    sends there: 3x3, stride 1, ungrouped, 'same' in width, even width, <= 8 outputs."""
+    from imex_deq.nn._convolution import pair_packable
+
+    same = ((1, 1), (1, 1))
+    assert pair_packable((1, 11, 10, 4), (3, 3, 4, 6), (1, 1), same, (1, 1), 1)
+    assert pair_packable((1, 11, 10, 4), (3, 3, 4, 6), (1, 1), ((0, 2), (1, 1)), (1, 1), 1)
+    assert not pair_packable((1, 11, 11, 4), (3, 3, 4, 6), (1, 1), same, (1, 1), 1)
+    assert not pair_packable((1, 11, 10, 4), (3, 3, 4, 16), (1, 1), same, (1, 1), 1)
+    assert not pair_packable((1, 11, 10, 4), (3, 3, 4, 6), (2, 2), same, (1, 1), 1)
+    assert not pair_packable((1, 11, 10, 4), (3, 3, 2, 6), (1, 1), same, (1, 1), 2)
 
 
 def test_channels_last_conv_rejects_a_batch():

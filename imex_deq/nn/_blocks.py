@@ -1,54 +1,13 @@
 """Convolutional building blocks (one sample, channels-last `(H, W, C)`)."""
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, PRNGKeyArray
 
+from ._convolution import conv_nhwc, pair_packable, pair_packed_conv, ungrouped_conv
 from ._dropout import apply_mask
 from ._weight_norm import weight_norm as _weight_norm
-
-
-def _conv_nhwc(x, kernel, stride, padding, dilation, groups, kernel_spec="HWIO"):
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=stride,
-        padding=padding,
-        rhs_dilation=dilation,
-        feature_group_count=groups,
-        dimension_numbers=("NHWC", kernel_spec, "NHWC"),
-    )
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _ungrouped_conv(x, kernel, stride, padding, dilation):
-    return _conv_nhwc(x, kernel, stride, padding, dilation, 1)
-
-
-def _ungrouped_conv_jvp(stride, padding, dilation, primals, tangents):
-    # Reverse mode transposes this tangent map. JAX's transpose of a convolution in x swaps
-    # the kernel's I and O dimension numbers (HWIO -> HWOI), a layout XLA CPU runs on its
-    # slow generic path inside loops: 6x the forward's cost in every adjoint iteration.
-    # Stating the x-tangent with an I/O-swapped copy of the kernel (HWOI) makes that
-    # transpose a canonical HWIO convolution. Symbolic zeros skip the kernel part inside
-    # solver and adjoint loops, where the weights are constants.
-    x, kernel = primals
-    dx, dkernel = tangents
-    y = _ungrouped_conv(x, kernel, stride, padding, dilation)
-    tangent = jnp.zeros_like(y)
-    if not isinstance(dx, SymbolicZero):
-        swapped = jnp.transpose(kernel, (0, 1, 3, 2))
-        tangent += _conv_nhwc(dx, swapped, stride, padding, dilation, 1, kernel_spec="HWOI")
-    if not isinstance(dkernel, SymbolicZero):
-        tangent += _conv_nhwc(x, dkernel, stride, padding, dilation, 1)
-    return y, tangent
-
-
-_ungrouped_conv.defjvp(_ungrouped_conv_jvp, symbolic_zeros=True)
 
 
 class Conv2d(eqx.Module):
@@ -133,12 +92,14 @@ class Conv2d(eqx.Module):
             # A 1x1 convolution is a matrix product over channels. As a dot, its gradients
             # need no layout transposes: its VJP ran 2-2.5x faster than the convolution's.
             y = jnp.einsum("hwc,co->hwo", x, kernel[0, 0])
+        elif pair_packable(
+            x.shape, kernel.shape, self.stride, self.padding, self.dilation, self.groups
+        ):
+            y = pair_packed_conv(x[None], kernel, self.padding[0])[0]
         elif self.groups == 1:
-            y = _ungrouped_conv(x[None], kernel, self.stride, self.padding, self.dilation)[0]
+            y = ungrouped_conv(x[None], kernel, self.stride, self.padding, self.dilation)[0]
         else:
-            y = _conv_nhwc(x[None], kernel, self.stride, self.padding, self.dilation, self.groups)[
-                0
-            ]
+            y = conv_nhwc(x[None], kernel, self.stride, self.padding, self.dilation, self.groups)[0]
         return y if self.bias is None else y + self.bias.reshape(1, 1, -1)
 
     def _is_pointwise(self) -> bool:
