@@ -15,7 +15,10 @@ under `taskset -c N` for a one-core figure), while the steps run on --threads th
    cifar_small, with forward NFE (mean and batch max) and backward NFE.
 4. Compile time of the cifar_large DEQ training step (`--cifar-large`).
 
+5. `--compile-only`: only the compile times of those steps, tracing and XLA apart.
+
 Usage: python scripts/bench_conv.py [--steps 10] [--threads 1] [--torch] [--cifar-large]
+       [--compile-only]
 Prints a markdown table; writes results/bench_conv.json.
 """
 
@@ -40,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--torch", action="store_true", help="compare the cell with PyTorch")
     p.add_argument("--cifar-large", action="store_true", help="time the cifar_large compile")
     p.add_argument("--skip-deq", action="store_true", help="leave out the DEQ rows")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile each step (trace + lower and XLA compile apart); with --threads 2 "
+        "XLA compiles on both cores",
+    )
     p.add_argument("--out", default="results/bench_conv.json")
     return p.parse_args(argv)
 
@@ -131,23 +140,61 @@ def classifier_forward(model, x, counter):
     return logits, info
 
 
-def time_training_step(model, forward, x, y, steps):
+def compile_training_step(model, forward, x, y):
+    """The compiled Adam step, its optimiser state, and the seconds taken to trace and
+    lower it and for XLA to compile it (nothing is executed)."""
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_step(forward, optimizer)
     start = time.perf_counter()
-    compiled = step.lower(model, opt_state, x, y).compile()
-    compile_s = time.perf_counter() - start
+    lowered = step.lower(model, opt_state, x, y)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    timings = {"lower_s": lowered_at - start, "xla_s": time.perf_counter() - lowered_at}
+    timings["compile_s"] = timings["lower_s"] + timings["xla_s"]
+    return compiled, opt_state, timings
+
+
+def time_training_step(model, forward, x, y, steps):
+    compiled, opt_state, timings = compile_training_step(model, forward, x, y)
+    if steps == 0:
+        return {"params": nn.count_parameters(model), **timings}
     _, step_s = timed(compiled, model, opt_state, x, y, steps=steps)
     _, _, (nfe_mean, nfe_max), backward_nfe = compiled(model, opt_state, x, y)
     return {
         "params": nn.count_parameters(model),
         "step_ms": 1e3 * step_s,
-        "compile_s": compile_s,
+        **timings,
         "nfe_mean": float(nfe_mean),
         "nfe_max": float(nfe_max),
         "backward_nfe": float(backward_nfe),
     }
+
+
+def compile_rows(args, key):
+    """Only compile every step the table times: `{row name: timings}`."""
+    config = presets.mnist_conv()
+    x, y = images(config, args.batch, key)
+    explicit = build_conv_model("explicit", ideq.Anderson(), config=config, key=key)
+    rows = {
+        "plain CNN": time_training_step(PlainCNN(key), plain_forward, x, y, 0),
+        "explicit mnist_conv": time_training_step(explicit, classifier_forward, x, y, 0),
+    }
+    for name, d in deq_rows(args, key, steps=0).items():
+        rows[f"DEQ {name}"] = d
+    if args.cifar_large:
+        rows["DEQ cifar_large vanilla, batch 8"] = cifar_large_compile(args, key, steps=0)
+    return rows
+
+
+def render_compile(rows) -> str:
+    lines = [
+        "| training step | trace + lower (s) | XLA compile (s) | total (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, d in rows.items():
+        lines.append(f"| {name} | {d['lower_s']:.1f} | {d['xla_s']:.1f} | {d['compile_s']:.1f} |")
+    return "\n".join(lines)
 
 
 def images(config, batch, key):
@@ -195,7 +242,8 @@ def cell_rows(args, key):
     return row
 
 
-def deq_rows(args, key):
+def deq_rows(args, key, steps=None):
+    steps = args.steps if steps is None else steps
     rows = {}
     for name in ("mnist_conv", "cifar_small"):
         config = getattr(presets, name)()
@@ -205,18 +253,16 @@ def deq_rows(args, key):
             model = build_conv_model(
                 variant, solver, config=config, key=key, max_steps=args.max_steps
             )
-            rows[f"{name} {variant}"] = time_training_step(
-                model, classifier_forward, x, y, args.steps
-            )
+            rows[f"{name} {variant}"] = time_training_step(model, classifier_forward, x, y, steps)
             print(f"  {name} {variant}: {rows[f'{name} {variant}']}", file=sys.stderr)
     return rows
 
 
-def cifar_large_compile(args, key):
+def cifar_large_compile(args, key, steps=1):
     config = presets.cifar_large()
     x, y = images(config, 8, key)
     model = build_conv_model("vanilla", ideq.Anderson(rtol=args.rtol), config=config, key=key)
-    return time_training_step(model, classifier_forward, x, y, steps=1)
+    return time_training_step(model, classifier_forward, x, y, steps=steps)
 
 
 def main(args):
@@ -224,6 +270,11 @@ def main(args):
     started = time.time()
     print(f"jax {jax.__version__}, {threads.machine_line(args.threads)}", file=sys.stderr)
     results = {"args": vars(args), "jax": jax.__version__}
+    if args.compile_only:
+        results["compile"] = compile_rows(args, key)
+        print(render_compile(results["compile"]))
+        write_json(results, started, args.out)
+        return
     plain, explicit = explicit_rows(args, key)
     results.update(plain=plain, explicit=explicit)
     results["cell"] = cell_rows(args, key)
@@ -231,9 +282,13 @@ def main(args):
         results["deq"] = deq_rows(args, key)
     if args.cifar_large:
         results["cifar_large"] = cifar_large_compile(args, key)
-    results["wall_s"] = time.time() - started
     print(render(results))
-    out = Path(args.out)
+    write_json(results, started, args.out)
+
+
+def write_json(results, started, path):
+    results["wall_s"] = time.time() - started
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 
