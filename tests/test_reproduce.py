@@ -313,6 +313,15 @@ def test_variants_subset_and_unknown_model():
         variants(("anderson",), with_jac=False, models=())
 
 
+def test_variants_row_label_selects_one_row():
+    rows = variants(("anderson",), with_jac=True, models=("skip+jac", "explicit"))
+    assert [v.label for v in rows] == ["skip+jac", "explicit"]
+    both = variants(("anderson",), with_jac=True, models=("skip",))
+    assert [v.label for v in both] == ["skip", "skip+jac"]
+    with pytest.raises(ValueError, match=r"\['skip\+jac'\] contradict --no-jac"):
+        variants(("anderson",), with_jac=False, models=("skip+jac",))
+
+
 def test_cifar_experiments_need_cifar_data_and_the_others_refuse_it():
     with pytest.raises(
         ValueError, match=r"cifar10-small trains on CIFAR-10: pass --dataset cifar10=PATH"

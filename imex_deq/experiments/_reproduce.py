@@ -82,12 +82,17 @@ def variants(
 ) -> list[Variant]:
     """Vanilla / Skip / Skip Reg. (± Jacobian regularisation) per solver, then the
     baselines once: the neural ODE and the explicit one-pass network f(0, x); only the
-    `models` asked for."""
-    unknown = sorted(set(models) - set(VARIANTS))
+    `models` asked for. A model name asks for its rows with and without Jacobian
+    regularisation, a row label such as `skip+jac` for that row alone."""
+    regularised = {f"{model}+jac" for model in DEQ_VARIANTS}
+    unknown = sorted(set(models) - set(VARIANTS) - regularised)
     if unknown or not models:
         raise ValueError(
-            f"models: unknown {unknown or list(models)}; choose from {', '.join(VARIANTS)}."
+            f"models: unknown {unknown or list(models)}; choose from "
+            f"{', '.join(VARIANTS)} (or a row label such as skip+jac)."
         )
+    if not with_jac and regularised & set(models):
+        raise ValueError(f"models: {sorted(regularised & set(models))} contradict --no-jac.")
     rows = [
         Variant(model, jac, solver)
         for solver in solvers
@@ -95,7 +100,7 @@ def variants(
         for jac in ((False, True) if with_jac else (False,))
     ]
     baselines = [Variant(model, False, solvers[0]) for model in BASELINES]
-    return [v for v in rows + baselines if v.model in models]
+    return [v for v in rows + baselines if v.model in models or v.label in models]
 
 
 def _stats(runs: list[dict], key: str, scale: float) -> tuple[float, float]:

@@ -122,7 +122,8 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--models",
         default=",".join(VARIANTS),
-        help="comma-separated variants to train (default: all)",
+        help="comma-separated variants to train (default: all); a row label such as "
+        "skip+jac trains that row alone",
     )
     rep.add_argument("--out", default="results")
     rep.add_argument(
