@@ -8,6 +8,8 @@ under `taskset -c N` for a one-core figure), while the steps run on --threads th
 1. The explicit MNIST-conv network (stem, f(0, x) once, head) against a plain Equinox CNN
    of about the same parameter count (3x3 convs 1->16, 16->32 stride 2, 32->32 stride 2,
    ReLU, flatten, Linear 1568->10): one Adam training step each. Target: <= 1.5x.
+   With `--torch`, the same two networks with the same weights in PyTorch (parity of the
+   logits checked first): how much of the ratio is the network and how much XLA.
 2. The MNIST-conv cell f(z, x) and its vector-Jacobian product in z (a forward pass plus
    the backward pass, as `torch.autograd.grad` does it) against the same cell written in
    PyTorch with the same weights, after a parity check (`--torch`, needs the `bench` extra).
@@ -15,10 +17,12 @@ under `taskset -c N` for a one-core figure), while the steps run on --threads th
    cifar_small, with forward NFE (mean and batch max) and backward NFE.
 4. Compile time of the cifar_large DEQ training step (`--cifar-large`).
 
-5. `--compile-only`: only the compile times of those steps, tracing and XLA apart.
+5. `--compile-only`: only the compile times of those steps, tracing and XLA apart
+   (`--repeats N`: each compiled N times, medians and range; compile times vary by a
+   few seconds between runs on a shared machine).
 
 Usage: python scripts/bench_conv.py [--steps 10] [--threads 1] [--torch] [--cifar-large]
-       [--compile-only]
+       [--compile-only [--repeats 3]]
 Prints a markdown table; writes results/bench_conv.json.
 """
 
@@ -48,6 +52,12 @@ def parse_args(argv=None):
         action="store_true",
         help="only compile each step (trace + lower and XLA compile apart); with --threads 2 "
         "XLA compiles on both cores",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --compile-only: compile every step this many times (medians and range)",
     )
     p.add_argument("--out", default="results/bench_conv.json")
     return p.parse_args(argv)
@@ -187,13 +197,31 @@ def compile_rows(args, key):
     return rows
 
 
+def repeated_compile_rows(args, key):
+    """`compile_rows` `args.repeats` times: per row the median of each timing, and the
+    range of the total."""
+    runs = [compile_rows(args, key) for _ in range(args.repeats)]
+    rows = {}
+    for name in runs[0]:
+        totals = [run[name]["compile_s"] for run in runs]
+        rows[name] = {
+            key: statistics.median(run[name][key] for run in runs)
+            for key in ("lower_s", "xla_s", "compile_s")
+        }
+        rows[name].update(min_s=min(totals), max_s=max(totals), all_s=totals)
+    return rows
+
+
 def render_compile(rows) -> str:
     lines = [
-        "| training step | trace + lower (s) | XLA compile (s) | total (s) |",
-        "|---|---:|---:|---:|",
+        "| training step | trace + lower (s) | XLA compile (s) | total (s) | range (s) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, d in rows.items():
-        lines.append(f"| {name} | {d['lower_s']:.1f} | {d['xla_s']:.1f} | {d['compile_s']:.1f} |")
+        lines.append(
+            f"| {name} | {d['lower_s']:.1f} | {d['xla_s']:.1f} | {d['compile_s']:.1f} "
+            f"| {d['min_s']:.1f}–{d['max_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -210,6 +238,15 @@ def explicit_rows(args, key):
     plain = time_training_step(PlainCNN(key), plain_forward, x, y, args.steps)
     explicit_model = build_conv_model("explicit", ideq.Anderson(), config=config, key=key)
     explicit = time_training_step(explicit_model, classifier_forward, x, y, args.steps)
+    if args.torch:
+        from bench_conv_torch import torch_step_timings
+
+        shapes = config.state_shapes
+        explicit.update(
+            torch_step_timings(
+                PlainCNN(key), explicit_model, shapes, x, y, args.steps, args.threads
+            )
+        )
     return plain, explicit
 
 
@@ -271,7 +308,7 @@ def main(args):
     print(f"jax {jax.__version__}, {threads.machine_line(args.threads)}", file=sys.stderr)
     results = {"args": vars(args), "jax": jax.__version__}
     if args.compile_only:
-        results["compile"] = compile_rows(args, key)
+        results["compile"] = repeated_compile_rows(args, key)
         print(render_compile(results["compile"]))
         write_json(results, started, args.out)
         return
@@ -304,6 +341,20 @@ def render(r) -> str:
         f"| {e['step_ms']:.1f} ms | {p['step_ms']:.1f} ms | {e['step_ms'] / p['step_ms']:.2f}x "
         f"| {e['compile_s']:.1f} / {p['compile_s']:.1f} |"
     )
+    if "torch_explicit_step_ms" in e:
+        te, tp = e["torch_explicit_step_ms"], e["torch_plain_step_ms"]
+        lines.append(
+            f"| PyTorch, same networks and weights: explicit step vs plain CNN step "
+            f"| {te:.1f} ms | {tp:.1f} ms | {te / tp:.2f}x | |"
+        )
+        lines.append(
+            f"| explicit mnist_conv step, imex-deq vs PyTorch | {e['step_ms']:.1f} ms "
+            f"| {te:.1f} ms | {e['step_ms'] / te:.2f}x | |"
+        )
+        lines.append(
+            f"| plain CNN step, Equinox vs PyTorch | {p['step_ms']:.1f} ms "
+            f"| {tp:.1f} ms | {p['step_ms'] / tp:.2f}x | |"
+        )
     c = r["cell"]
     torch_f = c.get("torch_f_ms")
     lines.append(

@@ -5,7 +5,10 @@ channels-last convolution (`--torch`, the `bench` extra). Rows: forward, the VJP
 (what solver and adjoint loops take) and the gradient in x and the kernel (a training
 step's), in ms, with GFLOP/s of the forward.
 
-Usage: python scripts/bench_conv_shapes.py [--steps 15] [--torch]
+`--cifar`: cifar_small's 3x3 convolutions instead, pixel pairs timed on every one (the
+layer takes them only where `pair_packable` says they pay).
+
+Usage: python scripts/bench_conv_shapes.py [--steps 15] [--torch] [--cifar]
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=15, help="timed calls per cell")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--torch", action="store_true", help="add PyTorch's channels-last conv")
+    p.add_argument(
+        "--cifar",
+        action="store_true",
+        help="cifar_small's 3x3 convolutions instead, pixel pairs tried on every one",
+    )
     return p.parse_args(argv)
 
 
@@ -38,6 +46,7 @@ from imex_deq.nn._convolution import pair_packable, pair_packed_conv, ungrouped_
 
 # (spatial size, in channels, out channels): the stem's and the cell's 3x3 convolutions.
 SHAPES = [(28, 1, 8), (28, 8, 8), (28, 16, 8), (28, 8, 16), (14, 16, 16)]
+CIFAR_SHAPES = [(32, 3, 24), (32, 24, 24), (32, 24, 120), (32, 120, 24), (16, 24, 120)]
 SAME = ((1, 1), (1, 1))
 
 
@@ -107,14 +116,14 @@ def main(args):
     pairs = lambda x, k: pair_packed_conv(x, k, (1, 1))
     print("| conv (batch 128) | formulation | forward ms | GFLOP/s | VJP in x ms | gradient ms |")
     print("|---|---|---:|---:|---:|---:|")
-    for size, c_in, c_out in SHAPES:
+    for size, c_in, c_out in CIFAR_SHAPES if args.cifar else SHAPES:
         keys = jax.random.split(jax.random.PRNGKey(size * c_in + c_out), 3)
         x = jax.random.normal(keys[0], (args.batch, size, size, c_in))
         kernel = jax.random.normal(keys[1], (3, 3, c_in, c_out))
         cotangent = jax.random.normal(keys[2], (args.batch, size, size, c_out))
         gflop = 2 * args.batch * size * size * 9 * c_in * c_out / 1e9
         rows = [("XLA", xla_timings(plain, x, kernel, cotangent, args.steps))]
-        if pair_packable(x.shape, kernel.shape, (1, 1), SAME, (1, 1), 1):
+        if args.cifar or pair_packable(x.shape, kernel.shape, (1, 1), SAME, (1, 1), 1):
             rows.append(("XLA, pixel pairs", xla_timings(pairs, x, kernel, cotangent, args.steps)))
         if args.torch:
             rows.append(("PyTorch", torch_timings(x, kernel, cotangent, args.steps)))

@@ -340,3 +340,15 @@ def test_cifar_experiment_table_quotes_the_papers_figures():
     assert paper_figures("cifar10-small", "continuous")["neural-ode"]["step_s"] == 1.608
     assert paper_figures("cifar10-large", "continuous")["vanilla"]["step_s"] == 1.284
     assert paper_figures("mnist-conv", "anderson") == {}
+
+
+def test_progress_table_shows_no_converged_share_for_a_baseline():
+    # An explicit-network log from before the baselines stopped recording a share of 0.
+    history = [{"test_accuracy": 0.9, "test_nfe": 1.0, "test_converged": 0.0}]
+    runs = {
+        "explicit-s1": {"steps": 4, "of": 4, "finished": True, "history": history, "solves": False},
+        "vanilla-anderson-s0": {"steps": 4, "of": 4, "finished": True, "history": history},
+    }
+    rows = _reproduce.progress_table(runs).splitlines()[2:]
+    assert rows[0].endswith("| 1.00 | — |")
+    assert rows[1].endswith("| 1.00 | 0.0 |")

@@ -300,6 +300,8 @@ def run_progress(config: TrainConfig, train_size: int) -> dict | None:
         "of": total_steps(config, train_size),
         "finished": summary is not None,
         "history": meta["history"],
+        # Logs written before the baselines stopped recording a converged share show 0.
+        "solves": config.model not in BASELINES,
     }
 
 
@@ -321,7 +323,8 @@ def progress_table(runs: dict[str, dict | None]) -> str:
         accuracy = ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in history)
         ends = history[:1] + history[1:][-1:]
         nfe = " → ".join(f"{r['test_nfe']:.2f}" for r in ends)
-        converged = history[-1].get("test_converged") if history else None
+        solves = progress.get("solves", True)
+        converged = history[-1].get("test_converged") if history and solves else None
         converged = "—" if converged is None else f"{100 * converged:.1f}"
         lines.append(f"| {name} | {done} | {accuracy} | {nfe} | {converged} |")
     return "\n".join(lines)
