@@ -226,3 +226,10 @@ def test_restart_sets_the_tunable_where_it_helps():
         environ, _hugepages._thp_mode(), _hugepages._glibc_version()
     )
     assert out == ("glibc.malloc.hugetlb=1" if expected else "not restarted")
+
+
+def test_ode_rtol_with_a_discrete_solver(capsys):
+    err = run_error(
+        capsys, ["train", "--solver", "anderson", "--ode-rtol", "1e-3", "--no-progress"]
+    )
+    assert err.startswith("imex-deq: error:") and "ode_rtol" in err and "'anderson'" in err

@@ -128,3 +128,21 @@ def test_ode_solver_needs_the_continuous_solver_and_a_known_name():
         TrainConfig(solver="anderson", ode_solver="adams3")
     with pytest.raises(ValueError, match="unknown ODE solver 'rk4'"):
         make_solver("continuous", 1e-3, ode_solver="rk4")
+
+
+def test_ode_step_size_control_reaches_the_continuous_solver():
+    solver = make_solver("continuous", 1e-2, ode_rtol=1e-3, ode_atol=1e-5)
+    assert solver.ode_control()[:2] == (1e-3, 1e-5)
+    default = make_solver("continuous", 1e-2)
+    assert default.ode_control()[:2] == (5e-2, 5e-3)  # Tsit5's loose default
+    config = TrainConfig(solver="continuous", ode_rtol=1e-3, ode_atol=1e-5)
+    assert config.name == "skip-reg-continuous-s0"
+    args = parser().parse_args(["train", "--ode-rtol", "1e-3", "--ode-atol", "1e-5"])
+    assert (args.ode_rtol, args.ode_atol) == (1e-3, 1e-5)
+
+
+def test_ode_step_size_control_needs_the_continuous_solver_and_a_positive_value():
+    with pytest.raises(ValueError, match="ode_rtol applies to solver 'continuous' only"):
+        TrainConfig(solver="anderson", ode_rtol=1e-3)
+    with pytest.raises(ValueError, match="ode_atol must be > 0, got -1"):
+        TrainConfig(solver="continuous", ode_atol=-1.0)

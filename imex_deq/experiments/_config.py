@@ -41,11 +41,16 @@ class TrainConfig:
     evaluates the DEQ's f in bfloat16 with float32 parameters and state (`MixedPrecision`).
     `lr_schedule="cosine"` anneals Adam's step size from `learning_rate` to 0 over the run's
     `epochs` (the paper's conv runs); `"constant"` keeps it.
+    `ode_rtol` / `ode_atol` set the continuous DEQ's step-size control (None:
+    `SteadyStateODE`'s defaults; tighten them where loose control stalls in a spurious
+    steady state of the ODE solver, docs/results.md "the continuous column").
     """
 
     model: str = "skip-reg"
     solver: str = "continuous"
     ode_solver: str = "tsit5"
+    ode_rtol: float | None = None
+    ode_atol: float | None = None
     dataset: str = "digits"
     architecture: str = "dense"
     epochs: int = 3
@@ -84,6 +89,14 @@ class TrainConfig:
                 f"ode_solver {self.ode_solver!r} applies to solver 'continuous' only; got "
                 f"solver {self.solver!r}."
             )
+        for name in ("ode_rtol", "ode_atol"):
+            if getattr(self, name) is None:
+                continue
+            _check_positive(name, getattr(self, name))
+            if self.solver != "continuous":
+                raise ValueError(
+                    f"{name} applies to solver 'continuous' only; got solver {self.solver!r}."
+                )
         _check_choice("architecture", self.architecture, ARCHITECTURES)
         _check_choice("backward", self.backward, tuple(ADJOINTS))
         _check_choice("precision", self.precision, PRECISIONS)

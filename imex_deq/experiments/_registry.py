@@ -64,14 +64,27 @@ ODE_SOLVERS: Mapping[str, Callable[[], dfx.AbstractAdaptiveSolver]] = MappingPro
 """The continuous DEQ's ODE solvers by name (`SteadyStateODE(ode_solver=ODE_SOLVERS[name]())`)."""
 
 
-def make_solver(name: str, rtol: float, ode_solver: str = "tsit5") -> AbstractSolver:
+def make_solver(
+    name: str,
+    rtol: float,
+    ode_solver: str = "tsit5",
+    ode_rtol: float | None = None,
+    ode_atol: float | None = None,
+) -> AbstractSolver:
     """The forward solver `SOLVERS[name]`, stopping at relative residual `rtol`
-    (`termination="rel"`); for "continuous", integrating with `ODE_SOLVERS[ode_solver]`.
+    (`termination="rel"`); for "continuous", integrating with `ODE_SOLVERS[ode_solver]`
+    under step-size control `ode_rtol`, `ode_atol` (None: `SteadyStateODE`'s defaults).
     An unknown name is a `ValueError` listing the choices."""
     solver_class = _lookup(SOLVERS, "solver", name)
     make_ode_solver = _lookup(ODE_SOLVERS, "ODE solver", ode_solver)
     if solver_class is SteadyStateODE:
-        return SteadyStateODE(rtol=rtol, termination="rel", ode_solver=make_ode_solver())
+        return SteadyStateODE(
+            rtol=rtol,
+            termination="rel",
+            ode_solver=make_ode_solver(),
+            ode_rtol=ode_rtol,
+            ode_atol=ode_atol,
+        )
     return solver_class(rtol=rtol, termination="rel")
 
 

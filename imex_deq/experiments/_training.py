@@ -65,7 +65,9 @@ def with_model_precision(model: Classifier, precision: str) -> Classifier:
 
 def _build_model(config: TrainConfig, data: Dataset) -> Classifier:
     key = jax.random.PRNGKey(config.seed)
-    solver = make_solver(config.solver, config.rtol, config.ode_solver)
+    solver = make_solver(
+        config.solver, config.rtol, config.ode_solver, config.ode_rtol, config.ode_atol
+    )
     adjoint = make_adjoint(config.backward, config.rtol)
     if config.architecture == "dense":
         return build_dense_model(

@@ -54,6 +54,19 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=d.ode_solver,
         help="the continuous DEQ's ODE solver (solver 'continuous' only)",
     )
+    add(
+        "--ode-rtol",
+        type=float,
+        default=None,
+        help="the continuous DEQ's step-size control, relative (default: 5 x --rtol for "
+        "Tsit5; tighten it if solves stall at the step cap)",
+    )
+    add(
+        "--ode-atol",
+        type=float,
+        default=None,
+        help="its absolute part (default: --rtol / 2 for Tsit5)",
+    )
     add("--max-steps", type=int, default=d.max_steps)
     add(
         "--backward",
@@ -155,6 +168,8 @@ def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         pretrain_depth=args.pretrain_depth,
         rtol=args.rtol,
         ode_solver=args.ode_solver,
+        ode_rtol=args.ode_rtol,
+        ode_atol=args.ode_atol,
         max_steps=args.max_steps,
         backward=args.backward,
         limit_train=args.limit_train,
