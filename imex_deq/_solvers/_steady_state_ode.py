@@ -221,6 +221,13 @@ def default_ode_control(solver, rtol: float) -> tuple[float, float, float, float
     rtol`, `2 * rtol`) leaves samples oscillating above the rule at 1e-4, and under vmap one
     such sample makes the batch pay the step cap.
 
+    The loose control has a failure mode: on a stiff cell it can lock Tsit5 into a
+    spurious steady state of its own step map (every step accepted at dt ≈ 1, the residual
+    constant, the solve stopped at `max_steps`); seen on the MNIST-conv cell early in
+    training, where `ode_rtol=1e-3, ode_atol=1e-5` converged every sample in 68 NFE
+    (docs/results.md, "the continuous column"; `scripts/diagnose_steady_state.py`). Tight
+    control in turn needs more steps from a cold start (z0 = 0).
+
     Bosh3 and `AdamsBashforth3` have smaller stability regions: with the loose PI control
     most samples never converged (0% at rtol 5e-3 for Adams), so they keep integral
     control at (`rtol`, `rtol / 50`).
