@@ -2,15 +2,17 @@
 
 Forward solves only (no training): on the MNIST-dense DEQ cell (see `bench/problem.py`:
 f(z, e) = relu(W1 z) + relu(W2 e), ||W1|| = 0.9, random pixels) and on the mnist_conv
-multiscale cell (`imex_deq.experiments.mnist_conv()`, fresh weights, random images), each
+multiscale cell (`imex_deq.experiments.mnist_conv()`, fresh weights, random images) and
+on a mildly stiff linear cell (relaxation rates 1 and 10, see `stiff_problem`), each
 solver runs a vmapped batch from z = 0 to steady state at each relative tolerance:
-SteadyStateODE with Tsit5, Bosh3, Heun and AdamsBashforth3 (default ode_rtol/ode_atol),
-PseudoTransient and FixedPointIteration. Per row: mean and max NFE over the batch (a
+SteadyStateODE with Tsit5 (with and without its stall tightening), Bosh3, Heun and
+AdamsBashforth3 (default ode_rtol/ode_atol), PseudoTransient and FixedPointIteration. Per row: mean and max NFE over the batch (a
 vmapped batch costs its max), the fraction of samples that converged, and the time per
 batch (median of --calls calls after a compile call).
 
 Usage: python scripts/bench_steady_state.py [--threads 1] [--batch-dense 128]
        [--batch-conv 8] [--rtols 5e-3,1e-4] [--calls 3] [--max-steps 500]
+       [--problems dense,conv,stiff] [--solvers SUBSTRING]
 Prints a markdown table to stdout, progress to stderr; writes results/bench_steady_state.json.
 """
 
@@ -33,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--rtols", default="5e-3,1e-4")
     p.add_argument("--calls", type=int, default=3, help="timed calls per row, after compile")
     p.add_argument("--max-steps", type=int, default=500, help="ODE steps or iterations")
-    p.add_argument("--problems", default="dense,conv")
+    p.add_argument("--problems", default="dense,conv,stiff")
+    p.add_argument("--solvers", default=None, help="only the solvers whose label contains this")
     p.add_argument(
         "--conv-run",
         default=None,
@@ -53,12 +56,16 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import imex_deq as ideq
 from imex_deq import experiments
 
 SOLVERS = {
     "SteadyStateODE(Tsit5)": lambda rtol: ideq.SteadyStateODE(rtol=rtol, ode_solver=dfx.Tsit5()),
+    "SteadyStateODE(Tsit5), no stall tightening": lambda rtol: ideq.SteadyStateODE(
+        rtol=rtol, ode_solver=dfx.Tsit5(), ode_stall_factor=1.0
+    ),
     "SteadyStateODE(Bosh3)": lambda rtol: ideq.SteadyStateODE(rtol=rtol, ode_solver=dfx.Bosh3()),
     "SteadyStateODE(Heun)": lambda rtol: ideq.SteadyStateODE(rtol=rtol, ode_solver=dfx.Heun()),
     "SteadyStateODE(AdamsBashforth3)": lambda rtol: ideq.SteadyStateODE(
@@ -84,6 +91,25 @@ def dense_problem(batch: int):
     e = jax.nn.relu(jnp.asarray(x) @ jnp.asarray(w["we"]).T + jnp.asarray(w["be"]))
     f = _DenseF(jnp.asarray(w["w1"]), jnp.asarray(w["w2"]))
     return f, jnp.zeros_like(e), e
+
+
+class _AffineF(eqx.Module):
+    a: jax.Array
+
+    def __call__(self, z, b):
+        return self.a @ z + b
+
+
+def stiff_problem(batch: int, width: int = 64):
+    """`(f, z0, injection)` of f(z, b) = A z + b with A symmetric, its relaxation
+    dz/dt = f(z, b) − z decaying at rates 1 (half the modes) and 10 (the other half):
+    mildly stiff, and A has eigenvalue −9, so plain iteration diverges."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((width, width)))
+    rates = np.repeat([-1.0, -10.0], width // 2)
+    a = jnp.asarray(q @ np.diag(1.0 + rates) @ q.T, jnp.float32)
+    b = jnp.asarray(rng.standard_normal((batch, width)), jnp.float32)
+    return _AffineF(a), jnp.zeros_like(b), b
 
 
 def conv_problem(batch: int):
@@ -132,6 +158,8 @@ def race(name: str, f, z0, injection, rtols, args) -> list[dict]:
     rows = []
     for rtol in rtols:
         for label, make in SOLVERS.items():
+            if args.solvers is not None and args.solvers not in label:
+                continue
             solver = make(rtol)
 
             def call(solver=solver):
@@ -184,6 +212,9 @@ def main(args):
     problems = {
         f"mnist-dense (batch {args.batch_dense})": lambda: dense_problem(args.batch_dense),
         f"mnist_conv (batch {args.batch_conv})": lambda: conv_problem(args.batch_conv),
+        f"stiff linear, rates 1 and 10 (batch {args.batch_dense})": lambda: stiff_problem(
+            args.batch_dense
+        ),
     }
     if args.conv_run is not None:
         problems = {
@@ -194,7 +225,7 @@ def main(args):
             ),
         }
     wanted = args.problems.split(",") + (["trained-conv"] if args.conv_run else [])
-    for (name, build), key in zip(problems.items(), ("dense", "conv", "trained-conv")):
+    for (name, build), key in zip(problems.items(), ("dense", "conv", "stiff", "trained-conv")):
         if key in wanted:
             rows += race(name, *build(), rtols, args)
     print(threads.machine_line(args.threads))

@@ -136,6 +136,16 @@ def main(argv=None):
         ("fixed-point iteration", ideq.FixedPointIteration(rtol=rtol, termination="rel"), 60),
         (f"Tsit5, default control {default[:2]}", ode(), 20),
         (f"Tsit5, default control {default[:2]}", ode(), 60),
+        (
+            f"Tsit5, default control {default[:2]}, no stall tightening",
+            ode(ode_stall_factor=1.0),
+            20,
+        ),
+        (
+            f"Tsit5, default control {default[:2]}, no stall tightening",
+            ode(ode_stall_factor=1.0),
+            60,
+        ),
         (f"Tsit5, control ({rtol}, {rtol / 50:g})", ode(ode_rtol=rtol, ode_atol=rtol / 50), 20),
         ("Tsit5, control (1e-3, 1e-5)", ode(ode_rtol=1e-3, ode_atol=1e-5), 20),
     ]

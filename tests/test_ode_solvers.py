@@ -78,6 +78,45 @@ def test_converged_start_costs_one_evaluation():
         assert int(sol.nfe) == counted.read() == 1
 
 
+def _stiff_relaxation(rates, seed=0):
+    """(A, b) such that dz/dt = A z + b − z relaxes at the given `rates` (the eigenvalues
+    of A − I, a symmetric matrix): a stable flow whose fixed-point map need not contract."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(rates), len(rates))))
+    a = q @ np.diag(1.0 + np.asarray(rates)) @ q.T
+    return a, rng.standard_normal(len(rates))
+
+
+def test_stall_tightening_reaches_a_stiff_steady_state():
+    """Relaxation rates 1 and 10 (A has eigenvalue −9: plain iteration diverges). Under
+    the loose default control alone Tsit5 holds its steps at the stability limit of the
+    fast modes, whose residual the error estimate accepts above the stopping rule: the
+    solve stalls at the step cap. Tightening the control on each accepted step that does
+    not lower the residual reaches the exact fixed point, and the count stays exact."""
+    a, b = _stiff_relaxation([-1.0] * 3 + [-10.0] * 3)
+    exact = jnp.asarray(np.linalg.solve(np.eye(N) - a, b), jnp.float32)
+    args = tuple(jnp.asarray(x, jnp.float32) for x in (a, b))
+    z0 = jnp.zeros(N, jnp.float32)
+
+    counted = CountedFn(affine_fn)
+    sol = imex_deq.fixed_point(counted, SteadyStateODE(rtol=1e-3), z0, args, max_steps=200)
+    assert sol.result == RESULTS.successful
+    assert float(sol.residual) <= 1e-3
+    assert relative_error(sol.value, exact) <= 1e-2
+    assert int(sol.nfe) == counted.read() == 1 + 6 * int(sol.num_steps)
+
+    untightened = SteadyStateODE(rtol=1e-3, ode_stall_factor=1.0)
+    stalled = imex_deq.fixed_point(affine_fn, untightened, z0, args, max_steps=200)
+    assert stalled.result == RESULTS.nonlinear_max_steps_reached
+    assert float(stalled.residual) > 1e-3
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.0, float("nan")])
+def test_stall_factor_below_one_is_an_error(factor):
+    with pytest.raises(ValueError, match="ode_stall_factor"):
+        SteadyStateODE(ode_stall_factor=factor)
+
+
 def test_unknown_ode_solver_is_a_type_error():
     with pytest.raises(TypeError, match="Kvaerno5"):
         SteadyStateODE(ode_solver=dfx.Kvaerno5())

@@ -42,8 +42,8 @@ class TrainConfig:
     `lr_schedule="cosine"` anneals Adam's step size from `learning_rate` to 0 over the run's
     `epochs` (the paper's conv runs); `"constant"` keeps it.
     `ode_rtol` / `ode_atol` set the continuous DEQ's step-size control (None:
-    `SteadyStateODE`'s defaults; tighten them where loose control stalls in a spurious
-    steady state of the ODE solver, docs/results.md "the continuous column").
+    `SteadyStateODE`'s defaults, which it tightens by itself where a solve stalls,
+    docs/results.md "the continuous column").
     """
 
     model: str = "skip-reg"

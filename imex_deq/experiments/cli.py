@@ -59,7 +59,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="the continuous DEQ's step-size control, relative (default: 5 x --rtol for "
-        "Tsit5; tighten it if solves stall at the step cap)",
+        "Tsit5, tightened by the solver itself where a solve stalls)",
     )
     add(
         "--ode-atol",
