@@ -6,9 +6,10 @@ multiscale cell (`imex_deq.experiments.mnist_conv()`, fresh weights, random imag
 on a mildly stiff linear cell (relaxation rates 1 and 10, see `stiff_problem`), each
 solver runs a vmapped batch from z = 0 to steady state at each relative tolerance:
 SteadyStateODE with Tsit5 (with and without its stall tightening), Bosh3, Heun and
-AdamsBashforth3 (default ode_rtol/ode_atol), PseudoTransient and FixedPointIteration. Per row: mean and max NFE over the batch (a
-vmapped batch costs its max), the fraction of samples that converged, and the time per
-batch (median of --calls calls after a compile call).
+AdamsBashforth3 (default ode_rtol/ode_atol), PseudoTransient and FixedPointIteration.
+Per row: mean and max NFE over the batch (a vmapped batch costs its max), the fraction
+of samples that converged, and the time per batch (median of --calls calls after a
+compile call).
 
 Usage: python scripts/bench_steady_state.py [--threads 1] [--batch-dense 128]
        [--batch-conv 8] [--rtols 5e-3,1e-4] [--calls 3] [--max-steps 500]

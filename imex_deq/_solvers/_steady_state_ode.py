@@ -168,6 +168,10 @@ def _z_norm(scaled_error) -> Float[Array, ""]:
     return optx.rms_norm(scaled_error[0])
 
 
+_MAX_TIGHTENING = 1e4
+"""The most that stall tightening divides the step-size controller's tolerances by."""
+
+
 class _CountingController(dfx.AbstractAdaptiveStepSizeController):
     """`controller`, also summing the evaluations that every attempted step reports in
     its tracker, accepted or rejected (the solver's own state forgets rejected steps), and
@@ -211,9 +215,6 @@ class _CountingController(dfx.AbstractAdaptiveStepSizeController):
         return (keep, *decision, (state, evaluations, tightening), result)
 
 
-_MAX_TIGHTENING = 1e4
-
-
 _STABILITY_LIMITED = (dfx.Tsit5, dfx.Dopri5, dfx.Dopri8, dfx.Heun)
 
 
@@ -237,9 +238,9 @@ def default_ode_control(solver, rtol: float) -> tuple[float, float, float, float
     steps at the stability limit of the fast modes, whose residual then settles at a floor
     proportional to the local tolerance and possibly above the stopping rule (every step
     accepted, the residual constant, the solve at `max_steps`). Seen on the MNIST-conv
-    cell early in training and on linear cells with relaxation rates as close as 0.5 and 3
+    cell early in training and on a linear cell with relaxation rates 1 and 10
     (docs/results.md, "the continuous column"; `scripts/bench_steady_state.py --problems
-    stiff`). `SteadyStateODE` therefore divides both tolerances by `ode_stall_factor`
+    stiff`; rates 0.5 and 3 stall as well). `SteadyStateODE` therefore divides both tolerances by `ode_stall_factor`
     after each accepted step that does not lower the residual, so the loose default serves
     cold starts and stiff cells alike.
 
