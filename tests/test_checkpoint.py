@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from imex_deq import SteadyStateODE
 from imex_deq.data import load_dataset
 from imex_deq.experiments import (
     CheckpointError,
@@ -51,6 +52,11 @@ def _template(width: int = 16):
 def _state(seed: int, width: int = 16):
     """The template filled with random parameters and optimizer moments (drawn with NumPy:
     no XLA compiles) and step count `seed + 7`."""
+    return _filled(_template(width), seed)
+
+
+def _filled(template, seed: int):
+    """`template`'s shape leaves replaced by random floats and integers `seed + 7`."""
     rng = np.random.default_rng(seed)
 
     def fill(leaf):
@@ -60,7 +66,7 @@ def _state(seed: int, width: int = 16):
             return jnp.asarray(rng.standard_normal(leaf.shape).astype(leaf.dtype))
         return jnp.asarray(np.full(leaf.shape, seed + 7, leaf.dtype))
 
-    return jax.tree_util.tree_map(fill, _template(width))
+    return jax.tree_util.tree_map(fill, template)
 
 
 def _arrays(tree) -> list[np.ndarray]:
@@ -103,6 +109,34 @@ def test_loading_into_another_model_fails(tmp_path):
     save_checkpoint(path, _state(1), {"global_step": 1})
     with pytest.raises(CheckpointError, match="ckpt.eqx"):
         load_checkpoint(path, _template(width=8))
+
+
+def test_checkpoint_loads_under_another_stall_factor(tmp_path):
+    """`ode_stall_factor` came after checkpoints of continuous DEQs were written: it is
+    static, so a checkpoint saved under one factor loads into a model with another."""
+
+    def shapes(factor):
+        solver = SteadyStateODE(rtol=1e-2, ode_stall_factor=factor)
+        return eqx.filter_eval_shape(
+            lambda: build_dense_model(
+                "vanilla",
+                solver,
+                in_features=12,
+                width=16,
+                num_classes=3,
+                key=jax.random.PRNGKey(0),
+            )
+        )
+
+    saved = _filled(shapes(1.0), seed=3)
+    save_checkpoint(tmp_path / "ckpt.eqx", saved, {"global_step": 5})
+    loaded, meta = load_checkpoint(tmp_path / "ckpt.eqx", shapes(10.0))
+    assert meta == {"global_step": 5}
+    # The static factor is part of the tree structure, so compare the arrays alone.
+    left, right = _arrays(loaded), _arrays(saved)
+    assert len(left) == len(right) > 0
+    assert all(np.array_equal(x, y) for x, y in zip(left, right))
+    assert loaded.layer.solver.ode_stall_factor == 10.0
 
 
 @pytest.mark.parametrize("fail", ["replace", "fsync"])

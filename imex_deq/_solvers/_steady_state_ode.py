@@ -276,7 +276,8 @@ class SteadyStateODE(AbstractSolver):
       for `ode_solver` (`default_ode_control`).
     - `ode_stall_factor`: after each accepted step that does not lower the residual, both
       tolerances are divided by this from then on (at most 1e4 in all), which lifts a
-      stiff solve off its stalled residual (`default_ode_control`); 1 turns it off.
+      stiff solve off its stalled residual (`default_ode_control`); 1 turns it off. Static,
+      so it is not a checkpoint leaf: checkpoints written before it existed still load.
     """
 
     rtol: float = 1e-3
@@ -287,7 +288,7 @@ class SteadyStateODE(AbstractSolver):
     ode_atol: float | None = None
     ode_pcoeff: float | None = None
     ode_icoeff: float | None = None
-    ode_stall_factor: float = 10.0
+    ode_stall_factor: float = eqx.field(default=10.0, static=True)
 
     def __check_init__(self):
         _check_ode_solver(self.ode_solver)
