@@ -74,10 +74,15 @@ def _arrays(tree) -> list[np.ndarray]:
 
 
 def assert_trees_equal(a, b) -> None:
-    left, right = _arrays(a), _arrays(b)
     assert jax.tree_util.tree_structure(eqx.filter(a, eqx.is_array)) == (
         jax.tree_util.tree_structure(eqx.filter(b, eqx.is_array))
     )
+    assert_arrays_equal(a, b)
+
+
+def assert_arrays_equal(a, b) -> None:
+    """The array leaves of `a` and `b` agree in dtype, shape and value, in order."""
+    left, right = _arrays(a), _arrays(b)
     assert len(left) == len(right) > 0
     for x, y in zip(left, right):
         assert x.dtype == y.dtype and x.shape == y.shape
@@ -133,9 +138,7 @@ def test_checkpoint_loads_under_another_stall_factor(tmp_path):
     loaded, meta = load_checkpoint(tmp_path / "ckpt.eqx", shapes(10.0))
     assert meta == {"global_step": 5}
     # The static factor is part of the tree structure, so compare the arrays alone.
-    left, right = _arrays(loaded), _arrays(saved)
-    assert len(left) == len(right) > 0
-    assert all(np.array_equal(x, y) for x, y in zip(left, right))
+    assert_arrays_equal(loaded, saved)
     assert loaded.layer.solver.ode_stall_factor == 10.0
 
 

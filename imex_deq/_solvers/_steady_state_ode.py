@@ -240,9 +240,9 @@ def default_ode_control(solver, rtol: float) -> tuple[float, float, float, float
     accepted, the residual constant, the solve at `max_steps`). Seen on the MNIST-conv
     cell early in training and on a linear cell with relaxation rates 1 and 10
     (docs/results.md, "the continuous column"; `scripts/bench_steady_state.py --problems
-    stiff`; rates 0.5 and 3 stall as well). `SteadyStateODE` therefore divides both tolerances by `ode_stall_factor`
-    after each accepted step that does not lower the residual, so the loose default serves
-    cold starts and stiff cells alike.
+    stiff`; rates 0.5 and 3 stall as well). `SteadyStateODE` therefore divides both
+    tolerances by `ode_stall_factor` after each accepted step that does not lower the
+    residual, so the loose default serves cold starts and stiff cells alike.
 
     Bosh3 and `AdamsBashforth3` have smaller stability regions: with the loose PI control
     most samples never converged (0% at rtol 5e-3 for Adams), so they keep integral
