@@ -246,7 +246,7 @@ def test_table_means_ratios_and_paper_values():
 
 def test_headline_ratios():
     lines = headline_ratios(_results(0.04), "continuous")
-    assert lines == [
+    assert lines[:7] == [
         "Skip Reg. vs Vanilla training time: 2.00x (paper 4.0x)",
         "test NFE Skip Reg. 11.0 vs Vanilla 18.0 (paper 4.0 vs 18.3)",
         "neural ODE vs continuous Vanilla DEQ training time: 0.50x (paper 2-4x)",
@@ -255,6 +255,11 @@ def test_headline_ratios():
         "skip prediction time vs the explicit network: 1.00x",
         "skip-reg prediction time vs the explicit network: 1.00x",
     ]
+    assert lines[7] == (
+        "vanilla vs the explicit network, test accuracy paired by seed: +6.00 ± 0.00 points "
+        "(mean ± standard error, 2 seeds): at least the explicit network's"
+    )
+    assert len(lines) == 7 + 6  # one accuracy line per DEQ row
 
 
 def test_headline_ratios_name_compiles_read_from_the_cache():
@@ -264,14 +269,50 @@ def test_headline_ratios_name_compiles_read_from_the_cache():
     assert lines[-1] == (
         "compile (s) of skip: read from the persistent compilation cache (cold: longer)"
     )
-    assert len(lines) == 8
+    assert len(lines) == 14
 
 
 def test_headline_ratios_with_unmeasurable_backward_time():
     # backward_s is clamped at 0 when step - forward - update is below timer noise.
     lines = headline_ratios(_results(0.0), "continuous")
-    assert len(lines) == 7
+    assert len(lines) == 13
     assert lines[3].startswith("neural ODE vs continuous Vanilla DEQ backward s/batch: ")
+
+
+def _seeded(seed, accuracy):
+    return {**_run(accuracy, 3.0, 60.0, 0.02), "config": {"seed": seed}}
+
+
+def test_accuracy_vs_explicit_pairs_seeds_and_says_whether_the_gap_is_noise():
+    def row(model, jac=False):
+        return Variant(model, jac, "anderson")
+
+    results = {
+        row("explicit"): [_seeded(0, 0.914), _seeded(1, 0.912), _seeded(2, 0.910)],
+        # Listed out of seed order: pairing goes by the config's seed, not the position.
+        row("vanilla"): [_seeded(1, 0.914), _seeded(0, 0.916), _seeded(2, 0.912)],
+        row("skip"): [_seeded(0, 0.910), _seeded(1, 0.909), _seeded(2, 0.905)],
+        row("skip", jac=True): [_seeded(0, 0.910), _seeded(1, 0.915), _seeded(2, 0.907)],
+        row("skip-reg"): [_seeded(2, 0.913)],  # only seed 2 finished
+    }
+    lines = [line for line in headline_ratios(results, "anderson") if "test accuracy" in line]
+    assert lines == [
+        (
+            "vanilla vs the explicit network, test accuracy paired by seed: +0.20 ± 0.00 points "
+            "(mean ± standard error, 3 seeds): at least the explicit network's"
+        ),
+        # differences -0.4, -0.3, -0.5: standard error 0.058
+        (
+            "skip vs the explicit network, test accuracy paired by seed: -0.40 ± 0.06 points "
+            "(mean ± standard error, 3 seeds): below, by more than 2 standard errors"
+        ),
+        # differences -0.4, +0.3, -0.3: mean -0.13, standard error 0.22
+        (
+            "skip+jac vs the explicit network, test accuracy paired by seed: -0.13 ± 0.22 points "
+            "(mean ± standard error, 3 seeds): below, within 2 standard errors (not significant)"
+        ),
+        "skip-reg vs the explicit network, test accuracy: +0.30 points (one seed)",
+    ]
 
 
 def test_time_to_accuracy_averages_seeds_and_reads_the_first_hit():

@@ -197,6 +197,51 @@ def _prediction_vs_explicit(results, solver) -> list[str]:
     return lines
 
 
+def _seed(run: dict, index: int) -> int:
+    return run.get("config", {}).get("seed", index)
+
+
+def _accuracy_vs_explicit(results, solver) -> list[str]:
+    """Each DEQ row's test accuracy minus the explicit network's, paired by seed (both
+    start from the same seed), as mean ± standard error over the shared seeds: whether
+    "every DEQ at least the explicit network" holds beyond seed noise."""
+    explicit = next((r for v, r in results.items() if v.model == "explicit"), None)
+    if not explicit:
+        return []
+    explicit_by_seed = {_seed(run, i): run["test_accuracy"] for i, run in enumerate(explicit)}
+    lines = []
+    for variant, runs in results.items():
+        if variant.solver != solver or variant.model in BASELINES:
+            continue
+        differences = [
+            100 * (run["test_accuracy"] - explicit_by_seed[_seed(run, i)])
+            for i, run in enumerate(runs)
+            if _seed(run, i) in explicit_by_seed
+        ]
+        if not differences:
+            continue
+        mean = statistics.mean(differences)
+        n = len(differences)
+        if n == 1:
+            lines.append(
+                f"{variant.label} vs the explicit network, test accuracy: {mean:+.2f} points "
+                "(one seed)"
+            )
+            continue
+        error = statistics.stdev(differences) / n**0.5
+        if mean >= 0:
+            verdict = "at least the explicit network's"
+        elif mean < -2 * error:
+            verdict = "below, by more than 2 standard errors"
+        else:
+            verdict = "below, within 2 standard errors (not significant)"
+        lines.append(
+            f"{variant.label} vs the explicit network, test accuracy paired by seed: "
+            f"{mean:+.2f} ± {error:.2f} points (mean ± standard error, {n} seeds): {verdict}"
+        )
+    return lines
+
+
 def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str]:
     """The paper's claims as measured ratios."""
 
@@ -229,6 +274,7 @@ def headline_ratios(results: dict[Variant, list[dict]], solver: str) -> list[str
         lines
         + _speedups_to_vanilla_accuracy(results, solver)
         + _prediction_vs_explicit(results, solver)
+        + _accuracy_vs_explicit(results, solver)
         + _cached_compiles(results, solver)
     )
 
