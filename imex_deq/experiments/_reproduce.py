@@ -184,7 +184,7 @@ def _speedups_to_vanilla_accuracy(results, solver) -> list[str]:
 
 
 def _prediction_vs_explicit(results, solver) -> list[str]:
-    explicit = next((r for v, r in results.items() if v.model == "explicit"), None)
+    explicit = _explicit_runs(results)
     if not explicit:
         return []
     base = _stats(explicit, "predict_s", 1.0)[0]
@@ -197,26 +197,33 @@ def _prediction_vs_explicit(results, solver) -> list[str]:
     return lines
 
 
-def _seed(run: dict, index: int) -> int:
-    return run.get("config", {}).get("seed", index)
+def _explicit_runs(results) -> list[dict] | None:
+    return next((r for v, r in results.items() if v.model == "explicit"), None)
+
+
+def _accuracy_by_seed(runs: list[dict]) -> dict[int, float]:
+    """Test accuracy keyed by the run's seed (its position where the summary has no config)."""
+    return {
+        run.get("config", {}).get("seed", i): run["test_accuracy"] for i, run in enumerate(runs)
+    }
 
 
 def _accuracy_vs_explicit(results, solver) -> list[str]:
     """Each DEQ row's test accuracy minus the explicit network's, paired by seed (both
     start from the same seed), as mean ± standard error over the shared seeds: whether
     "every DEQ at least the explicit network" holds beyond seed noise."""
-    explicit = next((r for v, r in results.items() if v.model == "explicit"), None)
+    explicit = _explicit_runs(results)
     if not explicit:
         return []
-    explicit_by_seed = {_seed(run, i): run["test_accuracy"] for i, run in enumerate(explicit)}
+    explicit_by_seed = _accuracy_by_seed(explicit)
     lines = []
     for variant, runs in results.items():
         if variant.solver != solver or variant.model in BASELINES:
             continue
         differences = [
-            100 * (run["test_accuracy"] - explicit_by_seed[_seed(run, i)])
-            for i, run in enumerate(runs)
-            if _seed(run, i) in explicit_by_seed
+            100 * (accuracy - explicit_by_seed[seed])
+            for seed, accuracy in _accuracy_by_seed(runs).items()
+            if seed in explicit_by_seed
         ]
         if not differences:
             continue
