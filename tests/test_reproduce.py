@@ -315,6 +315,21 @@ def test_accuracy_vs_explicit_pairs_seeds_and_says_whether_the_gap_is_noise():
     ]
 
 
+def test_headline_names_the_runs_whose_solves_did_not_converge():
+    results = _results(0.04)
+    vanilla = results[Variant("vanilla", False, "continuous")]
+    vanilla[0].update(name="vanilla-continuous-s0", test_converged=0.03)
+    vanilla[1].update(name="vanilla-continuous-s1", test_converged=0.5)  # at the threshold
+    results[Variant("skip", False, "continuous")][1]["test_converged"] = 0.0  # no name
+    lines = headline_ratios(results, "continuous")
+    assert lines[-1] == (
+        "not converged (fewer than 50% of the test solves met the tolerance, so training "
+        "followed inexact gradients): vanilla-continuous-s0 (3.0%), skip (0.0%)"
+    )
+    assert len(lines) == 14
+    assert not any(line.startswith("not converged") for line in headline_ratios(results, "x"))
+
+
 def test_time_to_accuracy_averages_seeds_and_reads_the_first_hit():
     runs = [
         _run(0.9, 5, 30.0, 0.1, history=_evals((10.0, 0.5), (20.0, 0.8), (30.0, 0.9))),

@@ -20,6 +20,7 @@ import pytest
 
 from imex_deq.data import load_dataset
 from imex_deq.experiments import (
+    NonConvergenceWarning,
     NonFiniteError,
     TrainConfig,
     Trainer,
@@ -27,7 +28,11 @@ from imex_deq.experiments import (
     make_optimizer,
     train,
 )
-from imex_deq.experiments._training import _initial_state, build_model
+from imex_deq.experiments._training import (
+    _initial_state,
+    build_model,
+    non_convergence_message,
+)
 
 VARIANTS = ("vanilla", "skip", "skip-reg", "neural-ode", "explicit")
 TINY = {
@@ -317,3 +322,28 @@ def test_non_finite_run_without_out_dir(data):
     config = tiny_config(model="explicit", learning_rate=1e30)
     with pytest.raises(NonFiniteError, match="step 2: the loss is nan; no checkpoint is written"):
         train(config, data)
+
+
+def test_non_convergence_message_names_the_run_the_fraction_and_the_remedies():
+    config = tiny_config(model="skip", rtol=1e-2, max_steps=20)
+    record = {"step": 468, "test_converged": 0.0, "test_nfe": 20.0}
+    message = non_convergence_message(config, record)
+    assert message.startswith(
+        f"{config.name}, step 468: only 0.0% of the test solves met rtol 0.01 within 20 steps"
+    )
+    assert "(mean NFE 20.0)" in message and "jac_weight" in message
+    assert non_convergence_message(config, {**record, "test_converged": 0.5}) is None
+    assert "49.0%" in non_convergence_message(config, {**record, "test_converged": 0.49})
+    # The baselines solve for no equilibrium: their records carry no test_converged.
+    assert non_convergence_message(config, {"step": 1, "test_nfe": 1.0}) is None
+
+
+def test_a_run_whose_solves_stop_at_the_cap_warns_and_logs_it(tmp_path, data):
+    """Two fixed-point iterations cannot meet rtol 1e-9: every evaluation warns, once."""
+    config = tiny_config(model="vanilla", max_steps=2, rtol=1e-9, out_dir=str(tmp_path))
+    with pytest.warns(NonConvergenceWarning, match=r"step 4: only 0\.0% of the test solves"):
+        summary = train(config, data)
+    assert summary["test_converged"] == 0.0
+    flagged = [r for r in _log(tmp_path) if r.get("type") == "not-converged"]
+    assert [r["step"] for r in flagged] == [4]
+    assert flagged[0]["message"].startswith(f"{config.name}, step 4: only 0.0%")

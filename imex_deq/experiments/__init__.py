@@ -21,6 +21,7 @@ from ._registry import VARIANTS as VARIANTS
 from ._registry import make_adjoint as make_adjoint
 from ._registry import make_solver as make_solver
 from ._reproduce import reproduce as reproduce
+from ._training import NonConvergenceWarning as NonConvergenceWarning
 from ._training import NonFiniteError as NonFiniteError
 from ._training import Trainer as Trainer
 from ._training import evaluate as evaluate

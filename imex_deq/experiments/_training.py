@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,19 @@ LOG = "log.jsonl"
 SUMMARY = "summary.json"
 
 
+CONVERGED_WARNING_BELOW = 0.5
+"""An evaluation at which fewer than this fraction of the DEQ's test solves met the
+tolerance raises a `NonConvergenceWarning`."""
+
+
 class NonFiniteError(RuntimeError):
     """A training step produced a non-finite loss or non-finite parameters; the run stopped
     there, and the last checkpoint written before it (if any) is left as it was."""
+
+
+class NonConvergenceWarning(UserWarning):
+    """Most of a DEQ's solves stopped at the iteration cap: z is not an equilibrium there,
+    so the implicit-function-theorem gradient is not the gradient of the model trained."""
 
 
 def build_model(config: TrainConfig, data: Dataset) -> Classifier:
@@ -286,6 +297,21 @@ class _Log:
                 handle.write(json.dumps(record) + "\n")
 
 
+def non_convergence_message(config: TrainConfig, record: dict) -> str | None:
+    """Why an evaluation `record` of a DEQ run is a `NonConvergenceWarning`, or None when
+    at least `CONVERGED_WARNING_BELOW` of its test solves converged (baselines: always None)."""
+    converged = record.get("test_converged")
+    if converged is None or converged >= CONVERGED_WARNING_BELOW:
+        return None
+    return (
+        f"{config.name}, step {record['step']}: only {100 * converged:.1f}% of the test "
+        f"solves met rtol {config.rtol:g} within {config.max_steps} steps (mean NFE "
+        f"{record['test_nfe']:.1f}); the implicit gradient assumes an equilibrium, so "
+        "training follows an inexact gradient. Jacobian regularisation (jac_weight), more "
+        "steps (max_steps) or a looser tolerance (rtol) are the remedies."
+    )
+
+
 def _to_float(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -457,6 +483,10 @@ def train(config: TrainConfig, data: Dataset | None = None) -> dict:
                 recent = []
                 meta["history"].append(record)
                 log.write({"type": "eval", **record})
+                message = non_convergence_message(config, record)
+                if message is not None:
+                    log.write({"type": "not-converged", "step": global_step, "message": message})
+                    warnings.warn(message, NonConvergenceWarning, stacklevel=2)
             at_epoch_end = global_step % per_epoch == 0
             if writer is not None and (global_step % config.checkpoint_every == 0 or at_epoch_end):
                 meta["global_step"] = saved_step = global_step
