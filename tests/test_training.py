@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import math
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 
+from imex_deq import RESULTS
 from imex_deq.data import load_dataset
 from imex_deq.experiments import (
     NonConvergenceWarning,
@@ -347,3 +349,35 @@ def test_a_run_whose_solves_stop_at_the_cap_warns_and_logs_it(tmp_path, data):
     flagged = [r for r in _log(tmp_path) if r.get("type") == "not-converged"]
     assert [r["step"] for r in flagged] == [4]
     assert flagged[0]["message"].startswith(f"{config.name}, step 4: only 0.0%")
+
+
+def test_diagnose_convergence_measures_the_spectral_radius_at_the_solution(
+    pretrained_run, data, capsys
+):
+    """scripts/diagnose_convergence.py on a finished run: its power-iteration estimate
+    against the eigenvalues of the dense Jacobian, and the table it prints."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from diagnose_convergence import main, solve_and_measure
+
+    config, out, _ = pretrained_run
+    model = build_model(config, data)
+    image = jnp.asarray(data.x_test[0])
+    nfe, converged, residual, radius = np.asarray(solve_and_measure(model, image, 200))
+    x = model.embed(image)
+    z, info = model.layer(x, inference=True)
+    jacobian = jax.jacfwd(lambda state: model.layer.f(state, x))(z)
+    assert radius == pytest.approx(np.max(np.abs(np.linalg.eigvals(jacobian))), rel=0.05)
+    assert nfe == int(info.nfe)
+    assert converged == float(info.result == RESULTS.successful)
+    assert residual == pytest.approx(
+        float(jnp.linalg.norm(model.layer.f(z, x) - z) / jnp.linalg.norm(z)), rel=1e-4
+    )
+    main([str(out), "--images", "2", "--power-steps", "5"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("| run | model | NFE | converged % |")
+    assert [row.split(" | ")[:2] for row in rows[2:]] == [
+        [f"| {out.name}", "initial"],
+        [f"| {out.name}", "trained"],
+    ]

@@ -1,0 +1,101 @@
+"""Why a trained DEQ's solves do (not) converge: at initialisation and at the last checkpoint.
+
+For each run folder (one `train` / `reproduce` run: summary.json or a checkpoint with its
+log) and each of the first `--images` test images, solve once with the run's own solver
+and budget, then measure at the state the solve returned:
+
+- NFE and whether the solve met the tolerance;
+- the relative residual ‖f(z) − z‖ / ‖z‖;
+- the power-iteration estimate of the spectral radius of ∂f/∂z (`--power-steps` JVPs).
+
+A spectral radius above 1 means plain fixed-point iteration diverges there; Anderson can
+still converge (it is a quasi-Newton method), which the NFE column shows.
+
+    .venv/bin/python scripts/diagnose_convergence.py \\
+        docs/results/mnist-conv-10ep/mnist-conv/runs/skip-anderson-s{0,1,2}
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imex_deq import RESULTS
+from imex_deq.data import load_dataset
+from imex_deq.experiments import TrainConfig, load_trained
+from imex_deq.experiments._training import build_model
+
+
+def _flat(tree):
+    return jnp.concatenate([leaf.ravel() for leaf in jax.tree_util.tree_leaves(tree)])
+
+
+@eqx.filter_jit
+def solve_and_measure(model, image, power_steps: int):
+    """(nfe, converged, relative residual, spectral-radius estimate) of one image's solve."""
+    x = model.embed(image)
+    z, info = model.layer(x, inference=True)
+
+    def f(state):
+        return model.layer.f(state, x)
+
+    residual = jnp.linalg.norm(_flat(f(z)) - _flat(z)) / jnp.linalg.norm(_flat(z))
+    keys = jax.random.split(jax.random.PRNGKey(0), len(jax.tree_util.tree_leaves(z)))
+    leaves, treedef = jax.tree_util.tree_flatten(z)
+    v = treedef.unflatten([jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+
+    def power_step(_, carry):
+        v, _ = carry
+        norm = jnp.linalg.norm(_flat(v))
+        _, jv = jax.jvp(f, (z,), (jax.tree_util.tree_map(lambda a: a / norm, v),))
+        return jv, jnp.linalg.norm(_flat(jv))
+
+    _, radius = jax.lax.fori_loop(0, power_steps, power_step, (v, jnp.zeros(())))
+    converged = (info.result == RESULTS.successful).astype(jnp.float32)
+    return jnp.stack([info.nfe.astype(jnp.float32), converged, residual, radius])
+
+
+def _config(run: Path) -> TrainConfig:
+    summary = run / "summary.json"
+    if not summary.is_file():
+        raise SystemExit(f"{summary}: no summary.json (diagnose finished runs)")
+    stored = json.loads(summary.read_text())["config"]
+    return TrainConfig(**{**stored, "out_dir": str(run), "resume": False, "progress": False})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (with summary.json)")
+    parser.add_argument("--images", type=int, default=8, help="test images per run")
+    parser.add_argument("--power-steps", type=int, default=25, help="JVPs of power iteration")
+    args = parser.parse_args(argv)
+    print(
+        "| run | model | NFE | converged % | relative residual | spectral radius of ∂f/∂z |\n"
+        "|---|---|---:|---:|---:|---:|"
+    )
+    datasets = {}
+    for run in args.runs:
+        config = _config(run)
+        if config.dataset not in datasets:
+            datasets[config.dataset] = load_dataset(config.dataset, limit_test=args.images)
+        data = datasets[config.dataset]
+        images = jnp.asarray(data.x_test[: args.images])
+        for label, model in (
+            ("initial", build_model(config, data)),
+            ("trained", load_trained(config, data)[1]),
+        ):
+            rows = np.array([solve_and_measure(model, im, args.power_steps) for im in images])
+            nfe, converged, residual, radius = rows.mean(0)
+            print(
+                f"| {run.name} | {label} | {nfe:.1f} | {100 * converged:.0f} | "
+                f"{residual:.3g} | {radius:.2f} ({rows[:, 3].min():.2f}–{rows[:, 3].max():.2f}) |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
