@@ -255,7 +255,7 @@ def _not_converged(results, solver) -> list[str]:
     failed = [
         f"{run.get('name', variant.label)} ({100 * run['test_converged']:.1f}%)"
         for variant, runs in results.items()
-        if variant.solver == solver
+        if variant.solver == solver and variant.model not in BASELINES
         for run in runs
         if run.get("test_converged", 1.0) < CONVERGED_WARNING_BELOW
     ]
