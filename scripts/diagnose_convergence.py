@@ -23,6 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from imex_deq import RESULTS
 from imex_deq.data import load_dataset
@@ -30,31 +31,25 @@ from imex_deq.experiments import TrainConfig, load_trained
 from imex_deq.experiments._training import build_model
 
 
-def _flat(tree):
-    return jnp.concatenate([leaf.ravel() for leaf in jax.tree_util.tree_leaves(tree)])
-
-
 @eqx.filter_jit
 def solve_and_measure(model, image, power_steps: int):
     """(nfe, converged, relative residual, spectral-radius estimate) of one image's solve."""
     x = model.embed(image)
     z, info = model.layer(x, inference=True)
+    flat_z, unflatten = ravel_pytree(z)
 
-    def f(state):
-        return model.layer.f(state, x)
+    def f(flat_state):
+        return ravel_pytree(model.layer.f(unflatten(flat_state), x))[0]
 
-    residual = jnp.linalg.norm(_flat(f(z)) - _flat(z)) / jnp.linalg.norm(_flat(z))
-    keys = jax.random.split(jax.random.PRNGKey(0), len(jax.tree_util.tree_leaves(z)))
-    leaves, treedef = jax.tree_util.tree_flatten(z)
-    v = treedef.unflatten([jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+    residual = jnp.linalg.norm(f(flat_z) - flat_z) / jnp.linalg.norm(flat_z)
 
     def power_step(_, carry):
         v, _ = carry
-        norm = jnp.linalg.norm(_flat(v))
-        _, jv = jax.jvp(f, (z,), (jax.tree_util.tree_map(lambda a: a / norm, v),))
-        return jv, jnp.linalg.norm(_flat(jv))
+        _, jv = jax.jvp(f, (flat_z,), (v / jnp.linalg.norm(v),))
+        return jv, jnp.linalg.norm(jv)
 
-    _, radius = jax.lax.fori_loop(0, power_steps, power_step, (v, jnp.zeros(())))
+    start = jax.random.normal(jax.random.PRNGKey(0), flat_z.shape, flat_z.dtype)
+    _, radius = jax.lax.fori_loop(0, power_steps, power_step, (start, jnp.zeros(())))
     converged = (info.result == RESULTS.successful).astype(jnp.float32)
     return jnp.stack([info.nfe.astype(jnp.float32), converged, residual, radius])
 
