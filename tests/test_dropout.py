@@ -147,3 +147,32 @@ def test_stochastic_jacobian_regularisation_applies_to_a_fraction_of_steps():
         else:
             assert float(metrics["jac"]) > 0.0
     assert 0 < sum(applied) < len(applied)
+
+
+def test_jacobian_regularisation_on_demand_applies_only_while_solves_fail():
+    with pytest.raises(ValueError, match="jac_on_demand must lie"):
+        TrainConfig(jac_weight=1.0, jac_on_demand=1.5)
+    with pytest.raises(ValueError, match="jac_on_demand needs jac_weight"):
+        TrainConfig(jac_on_demand=0.9)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+    y = jnp.arange(4) % 10
+
+    def applied(rtol, max_steps):
+        config = TrainConfig(
+            model="vanilla", solver="anderson", jac_weight=1.0, jac_on_demand=0.9, batch_size=4
+        )
+        model = imex_deq.experiments.build_dense_model(
+            "vanilla", imex_deq.Anderson(rtol=rtol), in_features=8, key=jax.random.PRNGKey(0),
+            width=8, max_steps=max_steps,
+        )  # fmt: skip
+        trainer = Trainer(config, make_optimizer(config, 10))
+        _, metrics = eqx.filter_jit(trainer.loss)(
+            (model, jnp.zeros(())), x, y, jax.random.PRNGKey(2)
+        )
+        return float(metrics["converged"]), float(metrics["jac_applied"]), float(metrics["jac"])
+
+    converged, on, jac = applied(rtol=1e-12, max_steps=2)
+    assert (converged, on) == (0.0, 1.0) and jac > 0.0
+    converged, on, jac = applied(rtol=1e-2, max_steps=50)
+    assert (converged, on, jac) == (1.0, 0.0, 0.0)
+    assert "-jac-ondemand0.9-" in TrainConfig(jac_weight=1.0, jac_on_demand=0.9).name

@@ -410,3 +410,11 @@ def test_progress_table_shows_no_converged_share_for_a_baseline():
     rows = _reproduce.progress_table(runs).splitlines()[2:]
     assert rows[0].endswith("| 1.00 | — |")
     assert rows[1].endswith("| 1.00 | 0.0 |")
+
+
+def test_jac_on_demand_needs_a_regularised_row(tmp_path):
+    base = TrainConfig(jac_weight=1.0, jac_on_demand=0.9)
+    with pytest.raises(ValueError, match=r"jac_on_demand applies to the \+jac rows"):
+        reproduce("mnist-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
+                  with_jac=False, base=base, out_dir=tmp_path)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

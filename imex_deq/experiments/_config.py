@@ -41,6 +41,8 @@ class TrainConfig:
     evaluates the DEQ's f in bfloat16 with float32 parameters and state (`MixedPrecision`).
     `lr_schedule="cosine"` anneals Adam's step size from `learning_rate` to 0 over the run's
     `epochs` (the paper's conv runs); `"constant"` keeps it.
+    `jac_on_demand=s` applies the Jacobian term only to steps where fewer than the share `s`
+    of the batch's solves converged (with `jac_prob`, to a random fraction of those).
     `ode_rtol` / `ode_atol` set the continuous DEQ's step-size control (None:
     `SteadyStateODE`'s defaults, which it tightens by itself where a solve stalls,
     docs/results.md "the continuous column").
@@ -61,6 +63,7 @@ class TrainConfig:
     skip_weight: float = 1.0
     jac_weight: float = 0.0
     jac_prob: float = 1.0
+    jac_on_demand: float | None = None
     augment: bool = False
     pretrain_steps: int = 0
     pretrain_depth: int = 5
@@ -109,6 +112,11 @@ class TrainConfig:
             _check_positive(name, getattr(self, name))
         if not 0.0 < self.jac_prob <= 1.0:
             raise ValueError(f"jac_prob must lie in (0, 1], got {self.jac_prob}.")
+        if self.jac_on_demand is not None:
+            if not 0.0 < self.jac_on_demand <= 1.0:
+                raise ValueError(f"jac_on_demand must lie in (0, 1], got {self.jac_on_demand}.")
+            if not self.jac_weight:
+                raise ValueError("jac_on_demand needs jac_weight > 0 (the term it switches on).")
         if self.model in BASELINES and (self.jac_weight or self.pretrain_steps):
             raise ValueError(
                 f"the {self.model} baseline has no fixed point: jac_weight and pretrain_steps "
@@ -127,6 +135,8 @@ class TrainConfig:
     def name(self) -> str:
         """A short run name, e.g. `skip-reg-continuous-jac-s0`."""
         jac = "-jac" if self.jac_weight else ""
+        if self.jac_on_demand is not None:
+            jac += f"-ondemand{self.jac_on_demand:g}"
         solver = "" if self.model in BASELINES else f"-{self.solver}"
         if self.ode_solver != "tsit5" and self.model not in BASELINES:
             solver += f"-{self.ode_solver}"

@@ -456,6 +456,9 @@ def reproduce(
                 else f"MNIST-like images, not {dataset!r}."
             )
         )
+    plan = variants(solvers, with_jac, models)
+    if base.jac_on_demand is not None and not any(variant.jac for variant in plan):
+        raise ValueError("jac_on_demand applies to the +jac rows, and none is planned.")
     if cifar:
         base = dataclasses.replace(base, augment=True)
     folder = Path(out_dir) / experiment
@@ -463,7 +466,6 @@ def reproduce(
     results: dict[Variant, list[dict]] = {}
     unfinished: list[str] = []
     progress: dict[str, dict | None] = {}
-    plan = variants(solvers, with_jac, models)
     for index, variant in enumerate(plan):
         for seed in range(seeds):
             config = dataclasses.replace(
@@ -471,6 +473,7 @@ def reproduce(
                 model=variant.model,
                 solver=variant.solver,
                 jac_weight=1.0 if variant.jac else 0.0,
+                jac_on_demand=base.jac_on_demand if variant.jac else None,
                 architecture=EXPERIMENTS[experiment],
                 dataset=dataset,
                 epochs=epochs,

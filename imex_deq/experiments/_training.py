@@ -140,10 +140,17 @@ class Trainer(eqx.Module):
                     )
                 )
 
+            apply = jnp.ones((), bool)
             if self.config.jac_prob < 1.0:
-                # Bai et al. 2021: regularise a random fraction of the steps; a skipped
-                # step costs nothing (the other branch of the cond does not run).
-                apply = jax.random.bernoulli(jac_coin, self.config.jac_prob)
+                # Bai et al. 2021: regularise a random fraction of the steps.
+                apply &= jax.random.bernoulli(jac_coin, self.config.jac_prob)
+            if self.config.jac_on_demand is not None:
+                # Only while the batch's solves do not converge (docs/results.md, "Why
+                # Skip's third seed collapsed").
+                converged = jnp.mean(info.result == RESULTS.successful)
+                apply &= converged < self.config.jac_on_demand
+            if self.config.jac_prob < 1.0 or self.config.jac_on_demand is not None:
+                # A step left unregularised costs nothing: the cond's other branch runs.
                 jac = jax.lax.cond(apply, jacobian_term, lambda: jnp.zeros(()))
                 jac_applied = apply.astype(jac.dtype)
             else:

@@ -44,6 +44,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="probability that a step is Jacobian-regularised (Bai et al. 2021: 0.02-0.05 "
         "with a larger --jac-weight; 1: every step, the paper's)",
     )
+    add(
+        "--jac-on-demand",
+        type=float,
+        metavar="SHARE",
+        default=None,
+        help="Jacobian-regularise only the steps where fewer than SHARE of the batch's "
+        "solves converged (needs --jac-weight or a +jac row)",
+    )
     add("--augment", action="store_true", help="random crop (padding 4) and horizontal flip")
     add("--pretrain-steps", type=int, default=d.pretrain_steps)
     add("--pretrain-depth", type=int, default=d.pretrain_depth)
@@ -163,6 +171,7 @@ def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         lr_schedule=args.lr_schedule,
         skip_weight=args.skip_weight,
         jac_prob=args.jac_prob,
+        jac_on_demand=args.jac_on_demand,
         augment=args.augment,
         pretrain_steps=args.pretrain_steps,
         pretrain_depth=args.pretrain_depth,
@@ -220,7 +229,11 @@ def _run(args: argparse.Namespace) -> None:
         report_only=args.report_only,
         # Each run's own folder replaces out_dir; it is set here so resume validates.
         base=dataclasses.replace(
-            _base_config(args), dataset=args.dataset, out_dir=args.out, resume=args.resume
+            # jac_weight is set per row; 1 here lets --jac-on-demand pass validation.
+            _base_config(args, jac_weight=float(args.jac_on_demand is not None)),
+            dataset=args.dataset,
+            out_dir=args.out,
+            resume=args.resume,
         ),
     )
 
