@@ -314,8 +314,9 @@ def non_convergence_message(config: TrainConfig, record: dict) -> str | None:
         f"{config.name}, step {record['step']}: only {100 * converged:.1f}% of the test "
         f"solves met rtol {config.rtol:g} within {config.max_steps} steps (mean NFE "
         f"{record['test_nfe']:.1f}); the implicit gradient assumes an equilibrium, so "
-        "training follows an inexact gradient. Jacobian regularisation (jac_weight), more "
-        "steps (max_steps) or a looser tolerance (rtol) are the remedies."
+        "training follows an inexact gradient. Jacobian regularisation (jac_weight; "
+        "jac_on_demand to apply it only while solves fail), more steps (max_steps) or a "
+        "looser tolerance (rtol) are the remedies."
     )
 
 
