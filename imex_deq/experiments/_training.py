@@ -1,6 +1,7 @@
 """The training loop: one jitted step, honest timing, JSON-lines log, atomic checkpoints."""
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -123,6 +124,7 @@ class Trainer(eqx.Module):
             lambda image, k: model.forward(image, key=k, backward_counter=counter)
         )(x, jax.random.split(dropout_key, x.shape[0]))
         ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+        converged = jnp.mean(info.result == RESULTS.successful)
         skip = (
             skip_loss(info, self.config.skip_weight)
             if isinstance(model.layer, (SkipDEQ, SkipRegDEQ))
@@ -140,17 +142,17 @@ class Trainer(eqx.Module):
                     )
                 )
 
-            apply = jnp.ones((), bool)
+            conditions = []
             if self.config.jac_prob < 1.0:
                 # Bai et al. 2021: regularise a random fraction of the steps.
-                apply &= jax.random.bernoulli(jac_coin, self.config.jac_prob)
+                conditions.append(jax.random.bernoulli(jac_coin, self.config.jac_prob))
             if self.config.jac_on_demand is not None:
                 # Only while the batch's solves do not converge (docs/results.md, "Why
                 # Skip's third seed collapsed").
-                converged = jnp.mean(info.result == RESULTS.successful)
-                apply &= converged < self.config.jac_on_demand
-            if self.config.jac_prob < 1.0 or self.config.jac_on_demand is not None:
+                conditions.append(converged < self.config.jac_on_demand)
+            if conditions:
                 # A step left unregularised costs nothing: the cond's other branch runs.
+                apply = functools.reduce(jnp.logical_and, conditions)
                 jac = jax.lax.cond(apply, jacobian_term, lambda: jnp.zeros(()))
                 jac_applied = apply.astype(jac.dtype)
             else:
@@ -165,7 +167,7 @@ class Trainer(eqx.Module):
             accuracy=jnp.mean(jnp.argmax(logits, -1) == y),
             nfe=jnp.mean(info.nfe),
             nfe_max=jnp.max(info.nfe),
-            converged=jnp.mean(info.result == RESULTS.successful),
+            converged=converged,
         )
         return total, metrics
 
