@@ -418,3 +418,23 @@ def test_jac_on_demand_needs_a_regularised_row(tmp_path):
         reproduce("mnist-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
                   with_jac=False, base=base, out_dir=tmp_path)  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_jac_on_demand_report_sits_beside_the_regular_one(reproduced, tmp_path, monkeypatch):
+    folder, _ = reproduced
+    copy = tmp_path / "mnist-dense"
+    shutil.copytree(folder, copy)
+    regular = (copy / "table.md").read_text()
+    monkeypatch.setattr(_reproduce, "train", lambda config, data=None: pytest.fail("trained"))
+    base = dataclasses.replace(TINY_BASE, jac_weight=1.0, jac_on_demand=0.9)
+    reproduce("mnist-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
+              base=base, models=("skip", "explicit"), out_dir=str(tmp_path),
+              report_only=True)  # fmt: skip
+    assert (copy / "table.md").read_text() == regular
+    text = (copy / "table-jac-ondemand0.9.md").read_text()
+    assert "fewer than 90% of the batch's solves converged" in text
+    assert "skip-anderson-jac-ondemand0.9-s0: not started" in text
+    assert "| skip |" in text and "| explicit |" in text
+    assert "![anderson](mnist-dense-anderson-jac-ondemand0.9.png)" in text
+    assert (copy / "mnist-dense-anderson-jac-ondemand0.9.png").is_file()
+    assert "skip@anderson" in json.loads((copy / "results-jac-ondemand0.9.json").read_text())

@@ -435,7 +435,9 @@ def reproduce(
     report_only: bool = False,
 ) -> dict:
     """Train every variant for every seed; write `table.md`, `results.json` and one PNG per
-    solver kind under `out_dir/<experiment>`; print the table and headline ratios.
+    solver kind under `out_dir/<experiment>`; print the table and headline ratios. With
+    `base.jac_on_demand` the files are named for it (`table-jac-ondemand0.9.md`, ...), so
+    they sit beside the report of the rows regularised on every step.
 
     Runs already finished with the same settings under `out_dir` are read back, not
     retrained (`finished_run`); with `base.resume` an interrupted run continues from its
@@ -462,6 +464,7 @@ def reproduce(
     if cifar:
         base = dataclasses.replace(base, augment=True)
     folder = Path(out_dir) / experiment
+    tag = "" if base.jac_on_demand is None else f"-jac-ondemand{base.jac_on_demand:g}"
     data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
     results: dict[Variant, list[dict]] = {}
     unfinished: list[str] = []
@@ -493,20 +496,26 @@ def reproduce(
                 results.setdefault(variant, []).append(summary or train(config, data))
             progress[config.name] = run_progress(config, len(data.x_train))
     report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
+    if tag:
+        report.append(
+            f"The +jac rows apply the Jacobian term only to steps where fewer than "
+            f"{base.jac_on_demand:.0%} of the batch's solves converged.\n"
+        )
     if unfinished:
         report.append("Not finished, left out: " + "; ".join(unfinished) + ".\n")
     for solver in solvers:
         paper = paper_figures(experiment, solver)
         report.append(f"## {solver}\n\n{table(results, solver, paper)}\n")
         report.extend(f"- {line}" for line in headline_ratios(results, solver))
-        report.append(f"\n![{solver}]({experiment}-{solver}.png)\n")
+        png = f"{experiment}-{solver}{tag}.png"
+        report.append(f"\n![{solver}]({png})\n")
         solver_rows = {v: r for v, r in results.items() if v.solver == solver}
         if solver_rows:
-            plot(solver_rows, folder / f"{experiment}-{solver}.png", f"{experiment}, {solver}")
+            plot(solver_rows, folder / png, f"{experiment}, {solver}")
     report.append(f"## Progress of every run\n\n{progress_table(progress)}\n")
     text = "\n".join(report)
-    write_atomically(folder / "table.md", text.encode())
+    write_atomically(folder / f"table{tag}.md", text.encode())
     serialisable = {f"{v.label}@{v.solver}": runs for v, runs in results.items()}
-    write_atomically(folder / "results.json", json.dumps(serialisable, indent=1).encode())
+    write_atomically(folder / f"results{tag}.json", json.dumps(serialisable, indent=1).encode())
     print(text)
     return serialisable
