@@ -132,11 +132,14 @@ class TrainConfig:
             raise ValueError("resume needs out_dir (where the checkpoint is).")
 
     @property
+    def jac_on_demand_tag(self) -> str:
+        """`-ondemand0.9` for `jac_on_demand=0.9`, empty without it: names runs and reports."""
+        return "" if self.jac_on_demand is None else f"-ondemand{self.jac_on_demand:g}"
+
+    @property
     def name(self) -> str:
         """A short run name, e.g. `skip-reg-continuous-jac-s0`."""
-        jac = "-jac" if self.jac_weight else ""
-        if self.jac_on_demand is not None:
-            jac += f"-ondemand{self.jac_on_demand:g}"
+        jac = ("-jac" if self.jac_weight else "") + self.jac_on_demand_tag
         solver = "" if self.model in BASELINES else f"-{self.solver}"
         if self.ode_solver != "tsit5" and self.model not in BASELINES:
             solver += f"-{self.ode_solver}"

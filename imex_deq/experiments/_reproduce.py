@@ -464,7 +464,7 @@ def reproduce(
     if cifar:
         base = dataclasses.replace(base, augment=True)
     folder = Path(out_dir) / experiment
-    tag = "" if base.jac_on_demand is None else f"-jac-ondemand{base.jac_on_demand:g}"
+    tag = base.jac_on_demand_tag and "-jac" + base.jac_on_demand_tag
     data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
     results: dict[Variant, list[dict]] = {}
     unfinished: list[str] = []
