@@ -18,6 +18,7 @@ from ._neural_ode import NeuralODE as NeuralODE
 from ._precision import MixedPrecision as MixedPrecision
 from ._regularisers import jacobian_regularisation as jacobian_regularisation
 from ._regularisers import skip_loss as skip_loss
+from ._regularisers import spectral_regularisation as spectral_regularisation
 from ._residual_trace import residual_trace as residual_trace
 from ._shine import ShineAdjoint as ShineAdjoint
 from ._solution import RESULTS as RESULTS

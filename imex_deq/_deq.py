@@ -3,7 +3,7 @@
 import abc
 import dataclasses
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint, tally_backward_nfe
 from ._custom_types import State
 from ._fixed_point import fixed_point
-from ._regularisers import jacobian_regularisation
+from ._regularisers import JACOBIAN_NORMS
 from ._solution import RESULTS
 from ._solvers._base import AbstractSolver
 from ._solvers._fixed_depth import FixedDepth
@@ -179,11 +179,23 @@ class AbstractDEQ(eqx.Module):
         return sol.value, info
 
     def jacobian_regularisation(
-        self, x: PyTree[Array], info: DEQInfo, *, key: PRNGKeyArray
+        self,
+        x: PyTree[Array],
+        info: DEQInfo,
+        *,
+        key: PRNGKeyArray,
+        norm: Literal["frobenius", "spectral"] = "frobenius",
     ) -> Float[Array, ""]:
-        """`jacobian_regularisation(f, info.z_star, x, key=key)`, with the dropout masks
-        the solve used."""
-        return jacobian_regularisation(_Apply(self.f, info.dropout_masks), info.z_star, x, key=key)
+        """`jacobian_regularisation(f, info.z_star, x, key=key)` (`norm="frobenius"`) or
+        `spectral_regularisation(...)` (`norm="spectral"`), with the dropout masks the
+        solve used."""
+        regulariser = JACOBIAN_NORMS.get(norm)
+        if regulariser is None:
+            raise ValueError(
+                f"jacobian_regularisation: norm must be one of {sorted(JACOBIAN_NORMS)}, "
+                f"got {norm!r}."
+            )
+        return regulariser(_Apply(self.f, info.dropout_masks), info.z_star, x, key=key)
 
 
 class DEQ(AbstractDEQ):

@@ -161,6 +161,59 @@ def test_jacobian_regularisation_gradient(cell, xs):
     assert _nonzero(grad.f.inject)
 
 
+def _symmetric_with_radius(radius, key):
+    """A symmetric N×N matrix with eigenvalues radius, ±radius/2 and below (one dominant)."""
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (N, N), jnp.float32))
+    eigenvalues = jnp.concatenate(
+        [jnp.array([radius, -radius / 2]), jnp.linspace(-radius / 3, radius / 3, N - 2)]
+    )
+    return (q * eigenvalues[None, :]) @ q.T
+
+
+def test_spectral_regularisation_is_the_squared_spectral_radius_on_linear_f():
+    weight = _symmetric_with_radius(0.9, jax.random.key(8))
+    f, z, x = _Linear(weight), jnp.ones(N), jnp.zeros(N)
+    value = imex_deq.spectral_regularisation(f, z, x, key=jax.random.key(9), power_steps=40)
+    np.testing.assert_allclose(value, 0.81, rtol=1e-4)
+    # The Frobenius term averages all N directions, so it reads the slow mode at a fraction.
+    assert float(jnp.sum(weight**2)) / N < float(value) / 3
+    with pytest.raises(ValueError, match="power_steps must be at least 1"):
+        imex_deq.spectral_regularisation(f, z, x, key=jax.random.key(9), power_steps=0)
+
+
+def test_spectral_regularisation_gradient_matches_finite_differences():
+    """At a converged eigenvector the power iterations' own dependence on W is stationary,
+    so the gradient through the last product alone equals the whole function's."""
+    weight = _symmetric_with_radius(0.8, jax.random.key(10))
+    z, x = jnp.ones(N), jnp.zeros(N)
+
+    def penalty(w):
+        return imex_deq.spectral_regularisation(
+            _Linear(w), z, x, key=jax.random.key(11), power_steps=60
+        )
+
+    grad = jax.jit(jax.grad(penalty))(weight)
+    direction = _symmetric_with_radius(1.0, jax.random.key(12))
+    eps = 1e-3
+    fd = (penalty(weight + eps * direction) - penalty(weight - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(jnp.sum(grad * direction), fd, rtol=2e-2)
+
+
+def test_layer_jacobian_regularisation_takes_the_norm(cell, xs):
+    deq = imex_deq.DEQ(cell, imex_deq.FixedPointIteration(rtol=1e-5), max_steps=100)
+    _, info = deq(xs[0])
+    key = jax.random.key(13)
+    spectral = deq.jacobian_regularisation(xs[0], info, key=key, norm="spectral")
+    expected = imex_deq.spectral_regularisation(deq.f, info.z_star, xs[0], key=key)
+    np.testing.assert_allclose(spectral, expected, rtol=1e-6)
+    grad = jax.grad(lambda f: imex_deq.spectral_regularisation(f, info.z_star, xs[0], key=key))(
+        cell
+    )
+    assert _nonzero(grad.weight)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        deq.jacobian_regularisation(xs[0], info, key=key, norm="nuclear")
+
+
 def test_fixed_depth_mode(cell, predictor, xs):
     solver = imex_deq.Anderson(rtol=1e-5)
     model = (imex_deq.SkipDEQ(cell, predictor, solver), {"other": jnp.ones(2)})

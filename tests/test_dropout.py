@@ -2,6 +2,8 @@
 and by the adjoint; a key is required in training; `inference=True` switches it off.
 Also the stochastic Jacobian regularisation of the training loop."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -176,3 +178,29 @@ def test_jacobian_regularisation_on_demand_applies_only_while_solves_fail():
     converged, on, jac = applied(rtol=1e-2, max_steps=50)
     assert (converged, on, jac) == (1.0, 0.0, 0.0)
     assert "-jac-ondemand0.9-" in TrainConfig(jac_weight=1.0, jac_on_demand=0.9).name
+
+
+def test_spectral_jacobian_term_trains_and_names_its_runs():
+    with pytest.raises(ValueError, match="jac_norm must be one of"):
+        TrainConfig(jac_weight=1.0, jac_norm="nuclear")
+    config = TrainConfig(
+        model="vanilla", solver="anderson", jac_weight=1.0, jac_norm="spectral", batch_size=4
+    )
+    assert config.name == "vanilla-anderson-jac-spectral-s0"
+    assert dataclasses.replace(config, jac_weight=0.0).name == "vanilla-anderson-s0"
+    model = imex_deq.experiments.build_dense_model(
+        "vanilla", imex_deq.Anderson(rtol=1e-2), in_features=8, key=jax.random.PRNGKey(0),
+        width=8, max_steps=10,
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+    y = jnp.arange(4) % 10
+    trainer = Trainer(config, make_optimizer(config, 10))
+    _, metrics = eqx.filter_jit(trainer.loss)((model, jnp.zeros(())), x, y, jax.random.PRNGKey(2))
+    _, info, injection = jax.vmap(lambda image: model.forward(image))(x)
+    keys = jax.random.split(jax.random.split(jax.random.PRNGKey(2), 3)[1], 4)
+    expected = jnp.mean(
+        jax.vmap(lambda i, n, k: model.layer.jacobian_regularisation(i, n, key=k, norm="spectral"))(
+            injection, info, keys
+        )
+    )
+    np.testing.assert_allclose(metrics["jac"], expected, rtol=1e-5)

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+from .._regularisers import JACOBIAN_NORMS
 from ._registry import ADJOINTS, BASELINES, ODE_SOLVERS, SOLVERS, VARIANTS
 
 ARCHITECTURES = ("dense", "conv", "cifar-small", "cifar-large")
@@ -43,6 +44,8 @@ class TrainConfig:
     `epochs` (the paper's conv runs); `"constant"` keeps it.
     `jac_on_demand=s` applies the Jacobian term only to steps where fewer than the share `s`
     of the batch's solves converged (with `jac_prob`, to a random fraction of those).
+    `jac_norm` picks the Jacobian term: `"frobenius"` (Bai et al.'s ‖∂f/∂z‖_F² / d) or
+    `"spectral"` (the squared spectral radius by power iteration, `spectral_regularisation`).
     `ode_rtol` / `ode_atol` set the continuous DEQ's step-size control (None:
     `SteadyStateODE`'s defaults, which it tightens by itself where a solve stalls,
     docs/results.md "the continuous column").
@@ -64,6 +67,7 @@ class TrainConfig:
     jac_weight: float = 0.0
     jac_prob: float = 1.0
     jac_on_demand: float | None = None
+    jac_norm: str = "frobenius"
     augment: bool = False
     pretrain_steps: int = 0
     pretrain_depth: int = 5
@@ -117,6 +121,10 @@ class TrainConfig:
                 raise ValueError(f"jac_on_demand must lie in (0, 1], got {self.jac_on_demand}.")
             if not self.jac_weight:
                 raise ValueError("jac_on_demand needs jac_weight > 0 (the term it switches on).")
+        if self.jac_norm not in JACOBIAN_NORMS:
+            raise ValueError(
+                f"jac_norm must be one of {sorted(JACOBIAN_NORMS)}, got {self.jac_norm!r}."
+            )
         if self.model in BASELINES and (self.jac_weight or self.pretrain_steps):
             raise ValueError(
                 f"the {self.model} baseline has no fixed point: jac_weight and pretrain_steps "
@@ -132,14 +140,16 @@ class TrainConfig:
             raise ValueError("resume needs out_dir (where the checkpoint is).")
 
     @property
-    def jac_on_demand_tag(self) -> str:
-        """`-ondemand0.9` for `jac_on_demand=0.9`, empty without it: names runs and reports."""
-        return "" if self.jac_on_demand is None else f"-ondemand{self.jac_on_demand:g}"
+    def jac_variant_tag(self) -> str:
+        """How the Jacobian term departs from Bai et al.'s on every step, e.g.
+        `-ondemand0.9-spectral`; empty for the plain term. Names runs and reports."""
+        on_demand = "" if self.jac_on_demand is None else f"-ondemand{self.jac_on_demand:g}"
+        return on_demand + ("" if self.jac_norm == "frobenius" else f"-{self.jac_norm}")
 
     @property
     def name(self) -> str:
         """A short run name, e.g. `skip-reg-continuous-jac-s0`."""
-        jac = ("-jac" if self.jac_weight else "") + self.jac_on_demand_tag
+        jac = "-jac" + self.jac_variant_tag if self.jac_weight else ""
         solver = "" if self.model in BASELINES else f"-{self.solver}"
         if self.ode_solver != "tsit5" and self.model not in BASELINES:
             solver += f"-{self.ode_solver}"

@@ -436,8 +436,9 @@ def reproduce(
 ) -> dict:
     """Train every variant for every seed; write `table.md`, `results.json` and one PNG per
     solver kind under `out_dir/<experiment>`; print the table and headline ratios. With
-    `base.jac_on_demand` the files are named for it (`table-jac-ondemand0.9.md`, ...), so
-    they sit beside the report of the rows regularised on every step.
+    `base.jac_on_demand` or a `base.jac_norm` other than Frobenius the files are named for
+    it (`table-jac-ondemand0.9.md`, `table-jac-spectral.md`, ...), so they sit beside the
+    report of the rows with the plain Jacobian term.
 
     Runs already finished with the same settings under `out_dir` are read back, not
     retrained (`finished_run`); with `base.resume` an interrupted run continues from its
@@ -459,12 +460,12 @@ def reproduce(
             )
         )
     plan = variants(solvers, with_jac, models)
-    if base.jac_on_demand is not None and not any(variant.jac for variant in plan):
-        raise ValueError("jac_on_demand applies to the +jac rows, and none is planned.")
+    if base.jac_variant_tag and not any(variant.jac for variant in plan):
+        raise ValueError("jac_on_demand and jac_norm apply to the +jac rows, and none is planned.")
     if cifar:
         base = dataclasses.replace(base, augment=True)
     folder = Path(out_dir) / experiment
-    tag = base.jac_on_demand_tag and "-jac" + base.jac_on_demand_tag
+    tag = base.jac_variant_tag and "-jac" + base.jac_variant_tag
     data = load_dataset(dataset, limit_train=base.limit_train, limit_test=base.limit_test)
     results: dict[Variant, list[dict]] = {}
     unfinished: list[str] = []
@@ -496,10 +497,15 @@ def reproduce(
                 results.setdefault(variant, []).append(summary or train(config, data))
             progress[config.name] = run_progress(config, len(data.x_train))
     report = [f"# {experiment} on {dataset}: {seeds} seed(s), {epochs} epoch(s)\n"]
-    if tag:
+    if base.jac_on_demand is not None:
         report.append(
             f"The +jac rows apply the Jacobian term only to steps where fewer than "
             f"{base.jac_on_demand:.0%} of the batch's solves converged.\n"
+        )
+    if base.jac_norm == "spectral":
+        report.append(
+            "The +jac rows penalise the squared spectral radius of ∂f/∂z at z* (power "
+            "iteration), not the Frobenius norm.\n"
         )
     if unfinished:
         report.append("Not finished, left out: " + "; ".join(unfinished) + ".\n")

@@ -137,9 +137,11 @@ class Trainer(eqx.Module):
             def jacobian_term():
                 keys = jax.random.split(jac_key, x.shape[0])
                 return jnp.mean(
-                    jax.vmap(lambda i, n, k: model.layer.jacobian_regularisation(i, n, key=k))(
-                        injection, info, keys
-                    )
+                    jax.vmap(
+                        lambda i, n, k: model.layer.jacobian_regularisation(
+                            i, n, key=k, norm=self.config.jac_norm
+                        )
+                    )(injection, info, keys)
                 )
 
             conditions = []

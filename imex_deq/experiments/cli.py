@@ -5,6 +5,7 @@ import dataclasses
 import json
 import sys
 
+from .._regularisers import JACOBIAN_NORMS
 from ..data import DataError
 from ._checkpoint import CheckpointError
 from ._compile_cache import (
@@ -51,6 +52,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Jacobian-regularise only the steps where fewer than SHARE of the batch's "
         "solves converged (needs --jac-weight or a +jac row)",
+    )
+    add(
+        "--jac-norm",
+        choices=sorted(JACOBIAN_NORMS),
+        default=d.jac_norm,
+        help="the Jacobian term: frobenius (Bai et al. 2021, ‖∂f/∂z‖_F² / d) or spectral "
+        "(the squared spectral radius, by power iteration)",
     )
     add("--augment", action="store_true", help="random crop (padding 4) and horizontal flip")
     add("--pretrain-steps", type=int, default=d.pretrain_steps)
@@ -172,6 +180,7 @@ def _base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         skip_weight=args.skip_weight,
         jac_prob=args.jac_prob,
         jac_on_demand=args.jac_on_demand,
+        jac_norm=args.jac_norm,
         augment=args.augment,
         pretrain_steps=args.pretrain_steps,
         pretrain_depth=args.pretrain_depth,
