@@ -177,8 +177,22 @@ def test_spectral_regularisation_is_the_squared_spectral_radius_on_linear_f():
     np.testing.assert_allclose(value, 0.81, rtol=1e-4)
     # The Frobenius term averages all N directions, so it reads the slow mode at a fraction.
     assert float(jnp.sum(weight**2)) / N < float(value) / 3
-    with pytest.raises(ValueError, match="power_steps must be at least 1"):
-        imex_deq.spectral_regularisation(f, z, x, key=jax.random.key(9), power_steps=0)
+    # With no power step, v is the unit residual f(z) − z.
+    residual = weight @ z - z
+    unit_residual = residual / jnp.linalg.norm(residual)
+    np.testing.assert_allclose(
+        imex_deq.spectral_regularisation(f, z, x, key=jax.random.key(9), power_steps=0),
+        jnp.sum(jnp.square(weight @ unit_residual)),
+        rtol=1e-5,
+    )
+    # At an exact fixed point (z = 0 for x = 0) the iterations start from a random direction.
+    zero = jnp.zeros(N)
+    at_fixed_point = imex_deq.spectral_regularisation(
+        f, zero, x, key=jax.random.key(9), power_steps=40
+    )
+    np.testing.assert_allclose(at_fixed_point, 0.81, rtol=1e-4)
+    with pytest.raises(ValueError, match="power_steps must be non-negative"):
+        imex_deq.spectral_regularisation(f, z, x, key=jax.random.key(9), power_steps=-1)
 
 
 def test_spectral_regularisation_gradient_matches_finite_differences():
