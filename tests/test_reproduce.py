@@ -412,9 +412,11 @@ def test_progress_table_shows_no_converged_share_for_a_baseline():
     assert rows[1].endswith("| 1.00 | 0.0 |")
 
 
-def test_jac_on_demand_needs_a_regularised_row(tmp_path):
-    base = TrainConfig(jac_weight=1.0, jac_on_demand=0.9)
-    with pytest.raises(ValueError, match=r"jac_on_demand applies to the \+jac rows"):
+@pytest.mark.parametrize(
+    "base", [TrainConfig(jac_weight=1.0, jac_on_demand=0.9), TrainConfig(jac_norm="spectral")]
+)
+def test_jac_variants_need_a_regularised_row(tmp_path, base):
+    with pytest.raises(ValueError, match=r"jac_on_demand and jac_norm apply to the \+jac rows"):
         reproduce("mnist-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
                   with_jac=False, base=base, out_dir=tmp_path)  # fmt: skip
     assert list(tmp_path.iterdir()) == []
@@ -438,3 +440,21 @@ def test_jac_on_demand_report_sits_beside_the_regular_one(reproduced, tmp_path, 
     assert "![anderson](mnist-dense-anderson-jac-ondemand0.9.png)" in text
     assert (copy / "mnist-dense-anderson-jac-ondemand0.9.png").is_file()
     assert "skip@anderson" in json.loads((copy / "results-jac-ondemand0.9.json").read_text())
+
+
+def test_spectral_report_sits_beside_the_regular_one(reproduced, tmp_path, monkeypatch):
+    folder, _ = reproduced
+    copy = tmp_path / "mnist-dense"
+    shutil.copytree(folder, copy)
+    regular = (copy / "table.md").read_text()
+    monkeypatch.setattr(_reproduce, "train", lambda config, data=None: pytest.fail("trained"))
+    base = dataclasses.replace(TINY_BASE, jac_norm="spectral")
+    reproduce("mnist-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
+              base=base, models=("vanilla+jac", "explicit"), out_dir=str(tmp_path),
+              report_only=True)  # fmt: skip
+    assert (copy / "table.md").read_text() == regular
+    text = (copy / "table-jac-spectral.md").read_text()
+    assert "squared spectral radius" in text and "fewer than" not in text
+    assert "vanilla-anderson-jac-spectral-s0: not started" in text
+    assert "| explicit |" in text  # the rows without the term are reused as they are
+    assert (copy / "mnist-dense-anderson-jac-spectral.png").is_file()

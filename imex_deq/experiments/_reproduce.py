@@ -478,6 +478,7 @@ def reproduce(
                 solver=variant.solver,
                 jac_weight=1.0 if variant.jac else 0.0,
                 jac_on_demand=base.jac_on_demand if variant.jac else None,
+                jac_norm=base.jac_norm if variant.jac else "frobenius",
                 architecture=EXPERIMENTS[experiment],
                 dataset=dataset,
                 epochs=epochs,
