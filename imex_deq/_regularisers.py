@@ -14,6 +14,24 @@ def _tree_size(tree) -> int:
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))
 
 
+def _squared_norm(tree) -> Float[Array, ""]:
+    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _unit(tree):
+    norm = jnp.sqrt(_squared_norm(tree))
+    return jax.tree_util.tree_map(lambda leaf: leaf / norm, tree)
+
+
+def _normal_like(key: PRNGKeyArray, tree):
+    """Standard normal noise shaped like `tree`'s leaves, one key per leaf."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    )
+
+
 def skip_loss(info, weight: float = 0.01) -> Float[Array, ""]:
     """λ_skip · mean |z* − z0|: the paper's mean absolute error between the equilibrium
     and the initial guess (Skip DEQ: the predictor's; Skip Reg. DEQ: f(0, x)).
@@ -43,24 +61,9 @@ def jacobian_regularisation(
     key per sample.
     """
     z_star = jax.lax.stop_gradient(z_star)
-    leaves, treedef = jax.tree_util.tree_flatten(z_star)
-    keys = jax.random.split(key, len(leaves))
-    eps = treedef.unflatten(
-        [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-    )
     _, vjp = jax.vjp(lambda z: f(z, x), z_star)
-    (projected,) = vjp(eps)
-    squares = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(projected))
-    return squares / _tree_size(z_star)
-
-
-def _norm(tree) -> Float[Array, ""]:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
-
-
-def _unit(tree):
-    norm = _norm(tree)
-    return jax.tree_util.tree_map(lambda leaf: leaf / norm, tree)
+    (projected,) = vjp(_normal_like(key, z_star))
+    return _squared_norm(projected) / _tree_size(z_star)
 
 
 def spectral_regularisation(
@@ -90,18 +93,15 @@ def spectral_regularisation(
         return jax.jvp(lambda z: f_frozen(z, x_frozen), (z_star,), (v,))[1]
 
     residual = jax.tree_util.tree_map(jnp.subtract, f_frozen(z_star, x_frozen), z_star)
-    leaves, treedef = jax.tree_util.tree_flatten(z_star)
-    keys = jax.random.split(key, len(leaves))
-    noise = treedef.unflatten(
-        [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-    )
-    has_residual = _norm(residual) > 0
+    has_residual = _squared_norm(residual) > 0
     start = jax.tree_util.tree_map(
-        lambda r, n: jnp.where(has_residual, r, n), _unit(residual), _unit(noise)
+        lambda r, n: jnp.where(has_residual, r, n),
+        _unit(residual),
+        _unit(_normal_like(key, z_star)),
     )
     v = jax.lax.fori_loop(0, power_steps, lambda _, v: _unit(frozen_jvp(v)), start)
     _, image = jax.jvp(lambda z: f(z, x), (z_star,), (jax.lax.stop_gradient(v),))
-    return jnp.square(_norm(image))
+    return _squared_norm(image)
 
 
 JACOBIAN_NORMS = {"frobenius": jacobian_regularisation, "spectral": spectral_regularisation}
