@@ -8,6 +8,9 @@ and budget, then measure at the state the solve returned:
 - the relative residual ‖f(z) − z‖ / ‖z‖;
 - the power-iteration estimate of the spectral radius of ∂f/∂z (`--power-steps` JVPs).
 
+`--max-steps N` adds a row per run: the trained model solved with a cap of N steps instead
+of its own (whether its solves are slow or stuck).
+
 A spectral radius above 1 means plain fixed-point iteration diverges there; Anderson can
 still converge (it is a quasi-Newton method), which the NFE column shows.
 
@@ -16,6 +19,7 @@ still converge (it is a quasi-Newton method), which the NFE column shows.
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,11 +66,21 @@ def _config(run: Path) -> TrainConfig:
     return TrainConfig(**{**stored, "out_dir": str(run), "resume": False, "progress": False})
 
 
+def with_max_steps(model, max_steps: int):
+    """`model` with its DEQ layer's step cap replaced."""
+    return eqx.tree_at(
+        lambda m: m.layer, model, dataclasses.replace(model.layer, max_steps=max_steps)
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with summary.json)")
     parser.add_argument("--images", type=int, default=8, help="test images per run")
     parser.add_argument("--power-steps", type=int, default=25, help="JVPs of power iteration")
+    parser.add_argument(
+        "--max-steps", type=int, help="also solve the trained model with this step cap"
+    )
     args = parser.parse_args(argv)
     print(
         "| run | model | NFE | converged % | relative residual | spectral radius of ∂f/∂z |\n"
@@ -79,10 +93,13 @@ def main(argv=None):
             datasets[config.dataset] = load_dataset(config.dataset, limit_test=args.images)
         data = datasets[config.dataset]
         images = jnp.asarray(data.x_test[: args.images])
-        for label, model in (
-            ("initial", build_model(config, data)),
-            ("trained", load_trained(config, data)[1]),
-        ):
+        trained = load_trained(config, data)[1]
+        models = [("initial", build_model(config, data)), ("trained", trained)]
+        if args.max_steps:
+            models.append(
+                (f"trained, {args.max_steps} steps", with_max_steps(trained, args.max_steps))
+            )
+        for label, model in models:
             rows = np.array([solve_and_measure(model, im, args.power_steps) for im in images])
             nfe, converged, residual, radius = rows.mean(0)
             print(

@@ -374,10 +374,12 @@ def test_diagnose_convergence_measures_the_spectral_radius_at_the_solution(
     assert residual == pytest.approx(
         float(jnp.linalg.norm(model.layer.f(z, x) - z) / jnp.linalg.norm(z)), rel=1e-4
     )
-    main([str(out), "--images", "2", "--power-steps", "5"])
+    main([str(out), "--images", "2", "--power-steps", "5", "--max-steps", "3"])
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("| run | model | NFE | converged % |")
     assert [row.split(" | ")[:2] for row in rows[2:]] == [
         [f"| {out.name}", "initial"],
         [f"| {out.name}", "trained"],
+        [f"| {out.name}", "trained, 3 steps"],
     ]
+    assert float(rows[4].split(" | ")[2]) <= 3  # the cap it was given, not the run's
