@@ -383,3 +383,27 @@ def test_diagnose_convergence_measures_the_spectral_radius_at_the_solution(
         [f"| {out.name}", "trained, 3 steps"],
     ]
     assert float(rows[4].split(" | ")[2]) <= 3  # the cap it was given, not the run's
+
+
+def test_compare_power_starts_converges_to_the_spectral_radius(pretrained_run, data, capsys):
+    """scripts/compare_power_starts.py: both starts' estimates against the eigenvalues of
+    the dense Jacobian, and the table it prints."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from compare_power_starts import main, power_estimates
+
+    config, out, _ = pretrained_run
+    model = build_model(config, data)
+    image = jnp.asarray(data.x_test[0])
+    estimates = np.asarray(power_estimates(model, image, jax.random.PRNGKey(0), 200))
+    x = model.embed(image)
+    z, _ = model.layer(x, inference=True)
+    jacobian = jax.jacfwd(lambda state: model.layer.f(state, x))(z)
+    radius = np.max(np.abs(np.linalg.eigvals(jacobian)))
+    assert estimates.shape == (2, 201)
+    np.testing.assert_allclose(estimates[:, -1], radius, rtol=0.05)
+    main([str(out), "--images", "2", "--steps", "3"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "| run | start | k = 0 | k = 1 | k = 2 | k = 3 |"
+    assert [row.split(" | ")[1] for row in rows[2:]] == ["random", "residual"]
