@@ -422,17 +422,25 @@ def test_jac_variants_need_a_regularised_row(tmp_path, base):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_jac_on_demand_report_sits_beside_the_regular_one(reproduced, tmp_path, monkeypatch):
+def _report_only_on_a_copy(reproduced, tmp_path, monkeypatch, models, **settings):
+    """`reproduce --report-only` with `settings` on a copy of the tiny reproduction; returns
+    the copy's folder after checking that nothing trained and table.md is untouched."""
     folder, _ = reproduced
     copy = tmp_path / "mnist-dense"
     shutil.copytree(folder, copy)
     regular = (copy / "table.md").read_text()
     monkeypatch.setattr(_reproduce, "train", lambda config, data=None: pytest.fail("trained"))
-    base = dataclasses.replace(TINY_BASE, jac_weight=1.0, jac_on_demand=0.9)
     reproduce("mnist-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
-              base=base, models=("skip", "explicit"), out_dir=str(tmp_path),
-              report_only=True)  # fmt: skip
+              base=dataclasses.replace(TINY_BASE, **settings), models=models,
+              out_dir=str(tmp_path), report_only=True)  # fmt: skip
     assert (copy / "table.md").read_text() == regular
+    return copy
+
+
+def test_jac_on_demand_report_sits_beside_the_regular_one(reproduced, tmp_path, monkeypatch):
+    copy = _report_only_on_a_copy(
+        reproduced, tmp_path, monkeypatch, ("skip", "explicit"), jac_weight=1.0, jac_on_demand=0.9
+    )
     text = (copy / "table-jac-ondemand0.9.md").read_text()
     assert "fewer than 90% of the batch's solves converged" in text
     assert "skip-anderson-jac-ondemand0.9-s0: not started" in text
@@ -443,16 +451,9 @@ def test_jac_on_demand_report_sits_beside_the_regular_one(reproduced, tmp_path, 
 
 
 def test_spectral_report_sits_beside_the_regular_one(reproduced, tmp_path, monkeypatch):
-    folder, _ = reproduced
-    copy = tmp_path / "mnist-dense"
-    shutil.copytree(folder, copy)
-    regular = (copy / "table.md").read_text()
-    monkeypatch.setattr(_reproduce, "train", lambda config, data=None: pytest.fail("trained"))
-    base = dataclasses.replace(TINY_BASE, jac_norm="spectral")
-    reproduce("mnist-dense", dataset="digits", seeds=1, epochs=1, solvers=("anderson",),
-              base=base, models=("vanilla+jac", "explicit"), out_dir=str(tmp_path),
-              report_only=True)  # fmt: skip
-    assert (copy / "table.md").read_text() == regular
+    copy = _report_only_on_a_copy(
+        reproduced, tmp_path, monkeypatch, ("vanilla+jac", "explicit"), jac_norm="spectral"
+    )
     text = (copy / "table-jac-spectral.md").read_text()
     assert "squared spectral radius" in text and "fewer than" not in text
     assert "vanilla-anderson-jac-spectral-s0: not started" in text
