@@ -77,9 +77,9 @@ def spectral_regularisation(
     v starts from the residual f(z*) − z*, which a solve leaves mostly along its slowest
     mode (a random direction, drawn from `key`, where the residual is zero), and takes
     `power_steps` power iterations. On trained conv cells one step reads 92–97% of the
-    radius that 12 steps from a random start read (docs/results.md). The iterations run on a gradient-free copy
-    of f and x; only the last product is differentiable in f's parameters (and x). Call on
-    one sample; vmap over a batch with one key per sample.
+    radius that 12 steps from a random start read (docs/results.md). The iterations run
+    on a gradient-free copy of f and x; only the last product is differentiable in f's
+    parameters (and x). Call on one sample; vmap over a batch with one key per sample.
     """
     if power_steps < 0:
         raise ValueError(
