@@ -18,8 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from diagnose_convergence import _config
-from jax.flatten_util import ravel_pytree
+from diagnose_convergence import run_config, solved_cell
 
 from imex_deq.data import load_dataset
 from imex_deq.experiments import load_trained
@@ -28,12 +27,7 @@ from imex_deq.experiments import load_trained
 @eqx.filter_jit
 def power_estimates(model, image, key, steps: int):
     """`(2, steps + 1)`: ‖J v_k‖ for k = 0..steps, from a random start and the residual."""
-    x = model.embed(image)
-    z, _ = model.layer(x, inference=True)
-    flat_z, unflatten = ravel_pytree(z)
-
-    def f(flat_state):
-        return ravel_pytree(model.layer.f(unflatten(flat_state), x))[0]
+    flat_z, f, _ = solved_cell(model, image)
 
     def iterate(start):
         def step(v, _):
@@ -61,7 +55,7 @@ def main(argv=None):
         + "---:|" * len(shown)
     )
     for run in args.runs:
-        config = _config(run)
+        config = run_config(run)
         data = load_dataset(config.dataset, limit_test=args.images)
         model = load_trained(config, data)[1]
         keys = jax.random.split(jax.random.PRNGKey(0), args.images)

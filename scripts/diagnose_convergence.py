@@ -35,9 +35,9 @@ from imex_deq.experiments import TrainConfig, load_trained
 from imex_deq.experiments._training import build_model
 
 
-@eqx.filter_jit
-def solve_and_measure(model, image, power_steps: int):
-    """(nfe, converged, relative residual, spectral-radius estimate) of one image's solve."""
+def solved_cell(model, image):
+    """`(z, f, info)` for one image: the state its solve returned and f(·, x), both on the
+    flattened state (one vector), and the solve's `DEQInfo`."""
     x = model.embed(image)
     z, info = model.layer(x, inference=True)
     flat_z, unflatten = ravel_pytree(z)
@@ -45,6 +45,13 @@ def solve_and_measure(model, image, power_steps: int):
     def f(flat_state):
         return ravel_pytree(model.layer.f(unflatten(flat_state), x))[0]
 
+    return flat_z, f, info
+
+
+@eqx.filter_jit
+def solve_and_measure(model, image, power_steps: int):
+    """(nfe, converged, relative residual, spectral-radius estimate) of one image's solve."""
+    flat_z, f, info = solved_cell(model, image)
     residual = jnp.linalg.norm(f(flat_z) - flat_z) / jnp.linalg.norm(flat_z)
 
     def power_step(_, carry):
@@ -58,7 +65,8 @@ def solve_and_measure(model, image, power_steps: int):
     return jnp.stack([info.nfe.astype(jnp.float32), converged, residual, radius])
 
 
-def _config(run: Path) -> TrainConfig:
+def run_config(run: Path) -> TrainConfig:
+    """The `TrainConfig` a finished run folder was trained with (its summary.json)."""
     summary = run / "summary.json"
     if not summary.is_file():
         raise SystemExit(f"{summary}: no summary.json (diagnose finished runs)")
@@ -88,7 +96,7 @@ def main(argv=None):
     )
     datasets = {}
     for run in args.runs:
-        config = _config(run)
+        config = run_config(run)
         if config.dataset not in datasets:
             datasets[config.dataset] = load_dataset(config.dataset, limit_test=args.images)
         data = datasets[config.dataset]
