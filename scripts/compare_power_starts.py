@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from diagnose_convergence import run_config, solved_cell
+from diagnose_convergence import power_norms, run_config, solved_cell
 
 from imex_deq.data import load_dataset
 from imex_deq.experiments import load_trained
@@ -28,17 +28,9 @@ from imex_deq.experiments import load_trained
 def power_estimates(model, image, key, steps: int):
     """`(2, steps + 1)`: ‖J v_k‖ for k = 0..steps, from a random start and the residual."""
     flat_z, f, _ = solved_cell(model, image)
-
-    def iterate(start):
-        def step(v, _):
-            jv = jax.jvp(f, (flat_z,), (v,))[1]
-            norm = jnp.linalg.norm(jv)
-            return jv / norm, norm
-
-        return jax.lax.scan(step, start / jnp.linalg.norm(start), None, length=steps + 1)[1]
-
     random = jax.random.normal(key, flat_z.shape, flat_z.dtype)
-    return jnp.stack([iterate(random), iterate(f(flat_z) - flat_z)])
+    residual = f(flat_z) - flat_z
+    return jnp.stack([power_norms(f, flat_z, start, steps + 1) for start in (random, residual)])
 
 
 def main(argv=None):

@@ -48,19 +48,25 @@ def solved_cell(model, image):
     return flat_z, f, info
 
 
+def power_norms(f, z, start, length: int):
+    """`(length,)`: ‖J v_k‖ for k = 0..length − 1, J = ∂f/∂z at z, v_0 = start / ‖start‖ and
+    v_{k+1} = J v_k / ‖J v_k‖ (power iteration; the last entry is the radius estimate)."""
+
+    def step(v, _):
+        jv = jax.jvp(f, (z,), (v,))[1]
+        norm = jnp.linalg.norm(jv)
+        return jv / norm, norm
+
+    return jax.lax.scan(step, start / jnp.linalg.norm(start), None, length=length)[1]
+
+
 @eqx.filter_jit
 def solve_and_measure(model, image, power_steps: int):
     """(nfe, converged, relative residual, spectral-radius estimate) of one image's solve."""
     flat_z, f, info = solved_cell(model, image)
     residual = jnp.linalg.norm(f(flat_z) - flat_z) / jnp.linalg.norm(flat_z)
-
-    def power_step(_, carry):
-        v, _ = carry
-        _, jv = jax.jvp(f, (flat_z,), (v / jnp.linalg.norm(v),))
-        return jv, jnp.linalg.norm(jv)
-
     start = jax.random.normal(jax.random.PRNGKey(0), flat_z.shape, flat_z.dtype)
-    _, radius = jax.lax.fori_loop(0, power_steps, power_step, (start, jnp.zeros(())))
+    radius = power_norms(f, flat_z, start, power_steps)[-1]
     converged = (info.result == RESULTS.successful).astype(jnp.float32)
     return jnp.stack([info.nfe.astype(jnp.float32), converged, residual, radius])
 
@@ -85,11 +91,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (with summary.json)")
     parser.add_argument("--images", type=int, default=8, help="test images per run")
-    parser.add_argument("--power-steps", type=int, default=25, help="JVPs of power iteration")
+    parser.add_argument(
+        "--power-steps", type=int, default=25, help="JVPs of power iteration (at least 1)"
+    )
     parser.add_argument(
         "--max-steps", type=int, help="also solve the trained model with this step cap"
     )
     args = parser.parse_args(argv)
+    if args.power_steps < 1:
+        parser.error(f"--power-steps must be at least 1, got {args.power_steps}")
     print(
         "| run | model | NFE | converged % | relative residual | spectral radius of ∂f/∂z |\n"
         "|---|---|---:|---:|---:|---:|"
